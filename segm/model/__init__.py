@@ -1,0 +1,1 @@
+"""Segmenter model: ViT encoder, linear / mask-transformer decoders, factory and inference helpers."""

@@ -1,0 +1,301 @@
+"""Build Segmenter models from ``net_kwargs``, load checkpoints (never downloading), and initialise
+encoders from ImageNet weights (timm hub names or local ``.pth`` / ``.safetensors`` / ``.npz`` files)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from segm.config import backbone_config, decoder_config, known_names
+from segm.model.decoder import DecoderLinear, MaskTransformer
+from segm.model.segmenter import Segmenter
+from segm.model.vit import VisionTransformer, resize_pos_embed
+
+DECODERS = ("linear", "mask_transformer")
+
+# timm 1.x hub weights matching the ImageNet initialisation of the reference (AugReg in21k -> in1k at 384,
+# the original in21k -> in1k weights for L/32, and the DeiT distilled weights).
+TIMM_PRETRAINED = {
+    "vit_tiny_patch16_384": "vit_tiny_patch16_384.augreg_in21k_ft_in1k",
+    "vit_small_patch16_384": "vit_small_patch16_384.augreg_in21k_ft_in1k",
+    "vit_base_patch16_384": "vit_base_patch16_384.augreg_in21k_ft_in1k",
+    "vit_large_patch16_384": "vit_large_patch16_384.augreg_in21k_ft_in1k",
+    "vit_small_patch32_384": "vit_small_patch32_384.augreg_in21k_ft_in1k",
+    "vit_base_patch32_384": "vit_base_patch32_384.augreg_in21k_ft_in1k",
+    "vit_large_patch32_384": "vit_large_patch32_384.orig_in21k_ft_in1k",
+    "deit_tiny_distilled_patch16_224": "deit_tiny_distilled_patch16_224.fb_in1k",
+    "deit_small_distilled_patch16_224": "deit_small_distilled_patch16_224.fb_in1k",
+    "deit_base_distilled_patch16_224": "deit_base_distilled_patch16_224.fb_in1k",
+    "deit_base_distilled_patch16_384": "deit_base_distilled_patch16_384.fb_in1k",
+}
+
+ENCODER_KEYS = ("image_size", "patch_size", "n_layers", "d_model", "n_heads", "dropout", "drop_path_rate", "distilled")
+NET_KEYS = set(ENCODER_KEYS) | {"backbone", "normalization", "n_cls", "decoder", "d_ff"}
+
+
+def net_kwargs_for(
+    backbone: str,
+    decoder: str,
+    n_cls: int,
+    crop_size: int,
+    dropout: float = 0.0,
+    drop_path_rate: float = 0.1,
+    normalization: str | None = None,
+) -> dict[str, Any]:
+    """The ``net_kwargs`` of a run, as written to ``variant.yml``: backbone at the crop size plus decoder."""
+    net = backbone_config(backbone)
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder '{decoder}'; known decoders: {', '.join(DECODERS)}")
+    dec = decoder_config(decoder)
+    dec.update(name=decoder, n_cls=n_cls)
+    net.update(
+        backbone=backbone,
+        image_size=[crop_size, crop_size],
+        n_cls=n_cls,
+        dropout=dropout,
+        drop_path_rate=drop_path_rate,
+        decoder=dec,
+    )
+    if normalization is not None:
+        net["normalization"] = normalization
+    return net
+
+
+def create_vit(model_cfg: Mapping[str, Any]) -> VisionTransformer:
+    """The encoder described by ``model_cfg`` (a variant's ``net_kwargs`` without its decoder)."""
+    backbone = model_cfg.get("backbone")
+    if backbone is not None and backbone not in known_names("model"):
+        raise ValueError(f"unknown backbone '{backbone}'; known backbones: {', '.join(known_names('model'))}")
+    unknown = sorted(set(model_cfg) - NET_KEYS)
+    if unknown:
+        raise ValueError(f"unknown model settings: {', '.join(unknown)}")
+    kwargs = {k: model_cfg[k] for k in ENCODER_KEYS if k in model_cfg}
+    image_size = kwargs["image_size"]
+    kwargs["image_size"] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return VisionTransformer(n_cls=1000, d_ff=4 * model_cfg["d_model"], **kwargs)
+
+
+def create_decoder(encoder: VisionTransformer, decoder_cfg: Mapping[str, Any]) -> nn.Module:
+    """``DecoderLinear`` or ``MaskTransformer`` on top of ``encoder`` (heads = d_model // 64, d_ff = 4 d_model)."""
+    cfg = dict(decoder_cfg)
+    name = cfg.pop("name", None)
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder '{name}'; known decoders: {', '.join(DECODERS)}")
+    n_cls = cfg.pop("n_cls")
+    if name == "linear":
+        return DecoderLinear(n_cls=n_cls, patch_size=encoder.patch_size, d_encoder=encoder.d_model)
+    dim = encoder.d_model
+    return MaskTransformer(
+        n_cls=n_cls,
+        patch_size=encoder.patch_size,
+        d_encoder=dim,
+        n_layers=cfg["n_layers"],
+        n_heads=dim // 64,
+        d_model=dim,
+        d_ff=4 * dim,
+        drop_path_rate=cfg["drop_path_rate"],
+        dropout=cfg["dropout"],
+    )
+
+
+def create_segmenter(net_kwargs: Mapping[str, Any], pretrained: bool | str | Path = False) -> Segmenter:
+    """A Segmenter from a variant's ``net_kwargs``; the argument is not modified.
+
+    ``pretrained``: ``False`` (random initialisation), ``True`` (timm hub ImageNet weights of the backbone)
+    or a path to a local weight file for the encoder.
+    """
+    cfg = copy.deepcopy(dict(net_kwargs))
+    decoder_cfg = cfg.pop("decoder")
+    decoder_cfg.setdefault("n_cls", cfg["n_cls"])
+    encoder = create_vit(cfg)
+    if pretrained:
+        load_pretrained_encoder(encoder, cfg["backbone"], pretrained)
+    decoder = create_decoder(encoder, decoder_cfg)
+    return Segmenter(encoder, decoder, n_cls=cfg["n_cls"])
+
+
+class _VariantLoader(yaml.SafeLoader):
+    """Safe YAML plus ``!!python/tuple`` (written by the reference's ``yaml.dump``); nothing else Python-specific."""
+
+
+_VariantLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple", lambda loader, node: tuple(loader.construct_sequence(node))
+)
+
+
+def load_variant(path: str | Path) -> dict[str, Any]:
+    """Read a ``variant.yml``; tuples are accepted, arbitrary Python objects are refused."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_VariantLoader)
+    except yaml.constructor.ConstructorError as err:
+        raise ValueError(f"{path}: refused to build a Python object from tag {err.problem.split()[-1]}") from None
+
+
+def find_variant(checkpoint_path: Path) -> Path:
+    """``variant.yml`` (or ``variant.yaml``) beside a checkpoint."""
+    for name in ("variant.yml", "variant.yaml"):
+        candidate = checkpoint_path.parent / name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no variant.yml or variant.yaml beside {checkpoint_path}")
+
+
+def _describe(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a one-line error naming missing / unexpected keys (up to 10) or the first shape mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_describe(unexpected)}")
+        raise ValueError(f"{source} does not match the model: " + "; ".join(parts))
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint "
+                f"but {tuple(own[key].shape)} in the model"
+            )
+
+
+def _to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def read_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    """``torch.load`` on CPU; with ``weights_only`` (default) no arbitrary code can run from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        if weights_only and "weights_only" in str(err):
+            raise ValueError(
+                f"{path} holds Python objects that a safe load refuses; if you trust the file, "
+                "call load_model(path, weights_only=False)"
+            ) from None
+        raise ValueError(f"{path} could not be read as a checkpoint: {err}") from None
+
+
+def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[Segmenter, dict[str, Any]]:
+    """Load a Segmenter checkpoint and its variant: ``model, variant = load_model("run/checkpoint.pth")``.
+
+    Reads ``variant.yml`` beside the checkpoint, builds the model without downloading anything, loads
+    ``checkpoint["model"]`` strictly (fp16 weights are cast to fp32) and returns the model in eval mode.
+    A directory is taken to mean its ``checkpoint.pth``.
+    """
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "checkpoint.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    variant = load_variant(find_variant(path))
+    model = create_segmenter(variant["net_kwargs"], pretrained=False)
+    data = read_checkpoint(path, weights_only=weights_only)
+    state_dict = data["model"] if isinstance(data, dict) and "model" in data else data
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{path} holds no state dict (expected {{'model': state_dict, ...}})")
+    state_dict = _strip_prefix(state_dict, "module.")
+    check_state_dict(model, state_dict, str(path))
+    model.load_state_dict(_to_float32(state_dict), strict=True)
+    model.eval()
+    return model, variant
+
+
+def _timm_hub_weights(backbone: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    name = TIMM_PRETRAINED.get(backbone)
+    if name is None:
+        raise ValueError(
+            f"no timm hub weights match '{backbone}' at this resolution; pass a local weight file "
+            "(--pretrained PATH) or train without pretraining (--no-pretrained)"
+        )
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not fetch the ImageNet weights '{name}' ({type(err).__name__}); download them once with "
+            f"network access (timm.create_model('{name}', pretrained=True)), pass a local weight file "
+            "(--pretrained PATH), or train without pretraining (--no-pretrained)"
+        ) from None
+    return model.state_dict()
+
+
+def _npz_weights(path: Path, encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Convert a Google ``.npz`` ViT checkpoint with timm's own reader, at the file's native grid."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    with np.load(path) as npz:
+        pos = npz["Transformer/posembed_input/pos_embedding"]
+        n_classes = npz["head/bias"].shape[-1] if "head/bias" in npz else 0
+    side = int(round((pos.shape[1] - 1) ** 0.5))
+    timm_vit = TimmViT(
+        img_size=side * encoder.patch_size,
+        patch_size=encoder.patch_size,
+        embed_dim=encoder.d_model,
+        depth=encoder.n_layers,
+        num_heads=encoder.n_heads,
+        num_classes=n_classes,
+    )
+    timm_vit.load_pretrained(str(path))
+    return timm_vit.state_dict()
+
+
+def _file_weights(path: Path, encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weight file not found: {path}")
+    if path.suffix == ".npz":
+        return _npz_weights(path, encoder)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    data = read_checkpoint(path)
+    for key in ("model", "state_dict"):
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+    return _strip_prefix(data, "module.")
+
+
+def load_pretrained_encoder(encoder: VisionTransformer, backbone: str, source: bool | str | Path) -> None:
+    """Initialise ``encoder`` from ImageNet weights: timm hub weights (``True``) or a local file.
+
+    Keys follow timm's ViT names, which are the encoder's. The position embedding is resized bilinearly
+    to the encoder's grid; classification heads are loaded only when their shapes match (they are unused).
+    """
+    label = f"pretrained weights '{source}'" if source is not True else f"timm weights of '{backbone}'"
+    weights = _timm_hub_weights(backbone) if source is True else _file_weights(Path(source), encoder)
+    own = encoder.state_dict()
+    heads = {k for k in own if k.startswith(("head.", "head_dist."))}
+    for key in heads:
+        if key in weights and weights[key].shape != own[key].shape:
+            del weights[key]
+    for key in heads - set(weights):
+        weights[key] = own[key]
+    if "pos_embed" in weights and weights["pos_embed"].shape != own["pos_embed"].shape:
+        n_extra = encoder.num_prefix_tokens
+        if weights["pos_embed"].shape[1] - n_extra <= 0 or ("dist_token" in weights) != encoder.distilled:
+            raise ValueError(f"{label}: position embedding {tuple(weights['pos_embed'].shape)} does not fit")
+        weights["pos_embed"] = resize_pos_embed(weights["pos_embed"], None, encoder.patch_embed.grid_size, n_extra)
+    check_state_dict(encoder, weights, label)
+    encoder.load_state_dict(_to_float32(weights), strict=True)

@@ -1,0 +1,48 @@
+"""Segmenter: pad -> encode -> drop prefix tokens -> decode (merged tokens) -> unmerge -> upsample -> unpad."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from segm.model.inference import padding, unpadding
+
+
+def check_image_batch(im: torch.Tensor, channels: int = 3) -> None:
+    """Raise a clear error unless ``im`` is a floating ``B x channels x H x W`` tensor."""
+    if not isinstance(im, torch.Tensor) or im.ndim != 4 or im.shape[1] != channels:
+        shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+        raise ValueError(f"expected an image batch of shape B x {channels} x H x W, got {shape}")
+    if not im.is_floating_point():
+        raise ValueError(f"expected a floating-point (normalised) image batch, got dtype {im.dtype}")
+
+
+class Segmenter(nn.Module):
+    """A ViT encoder and a decoder producing per-pixel class logits ``[B, K, H, W]`` for any ``H x W``."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, n_cls: int):
+        super().__init__()
+        self.n_cls = n_cls
+        self.patch_size = encoder.patch_size
+        self.encoder = encoder
+        self.decoder = decoder
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
+            f"decoder.{n}" for n in self.decoder.no_weight_decay()
+        }
+
+    def forward(self, im: torch.Tensor) -> torch.Tensor:
+        check_image_batch(im, self.encoder.patch_embed.proj.in_channels)
+        H_ori, W_ori = im.shape[2], im.shape[3]
+        im = padding(im, self.patch_size)
+        H, W = im.shape[2], im.shape[3]
+
+        x, state = self.encoder.forward_tokens(im)
+        x = x[:, self.encoder.num_prefix_tokens :]
+        masks = self.decoder(x, (H, W), state)
+
+        masks = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
+        return unpadding(masks, (H_ori, W_ori))
