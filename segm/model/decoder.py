@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from algm.merge import MergeState
-from segm.model.vit import init_weights, make_block
+from segm.model.vit import drop_path_rates, init_weights, make_block
 
 
 def tokens_to_grid(
@@ -81,7 +81,7 @@ class MaskTransformer(nn.Module):
         self.d_ff = d_ff
         self.scale = d_model**-0.5
 
-        rates = torch.linspace(0, drop_path_rate, n_layers).tolist()
+        rates = drop_path_rates(drop_path_rate, n_layers)
         self.blocks = nn.ModuleList(
             [make_block(d_model, n_heads, d_ff, dropout, rates[i]) for i in range(n_layers)]
         )

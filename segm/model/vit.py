@@ -46,6 +46,11 @@ def make_block(dim: int, n_heads: int, d_ff: int, dropout: float, drop_path: flo
     )
 
 
+def drop_path_rates(rate: float, n_layers: int) -> list[float]:
+    """Stochastic-depth rate of each layer: ``linspace(0, rate, n_layers)`` (computed on the CPU)."""
+    return torch.linspace(0, rate, n_layers, device="cpu").tolist()
+
+
 def resize_pos_embed(
     pos_embed: torch.Tensor,
     grid_old: Sequence[int] | None,
@@ -144,7 +149,7 @@ class VisionTransformer(nn.Module):
         if self.distilled:
             self.head_dist = nn.Linear(d_model, n_cls)
 
-        rates = torch.linspace(0, drop_path_rate, n_layers).tolist()
+        rates = drop_path_rates(drop_path_rate, n_layers)
         self.blocks = nn.ModuleList(
             [make_block(d_model, n_heads, d_ff, dropout, rates[i]) for i in range(n_layers)]
         )
