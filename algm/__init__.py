@@ -1,5 +1,8 @@
-"""ALGM: Adaptive Local-then-Global token Merging for plain-ViT semantic segmentation."""
+"""ALGM: Adaptive Local-then-Global token Merging for plain-ViT semantic segmentation.
 
-from algm import merge
+``algm.patch.algm_segmenter_patch(model, [1, 5], window_size=(2, 2), threshold=0.88)`` patches a Segmenter.
+"""
 
-__all__ = ["merge"]
+from algm import global_merge, local_merge, merge, patch
+
+__all__ = ["global_merge", "local_merge", "merge", "patch"]

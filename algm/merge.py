@@ -31,13 +31,22 @@ def merge_weighted(
 
 
 @dataclass
+class MergeOptions:
+    """How a token-merging patch wants the encoder to run; the encoder's ``merge_options`` is ``None`` unpatched."""
+
+    prop_attn: bool = False
+    trace_source: bool = False
+
+
+@dataclass
 class MergeState:
     """Per-forward merge bookkeeping of an encoder.
 
     - ``size`` (B, T, 1): how many original tokens each current token stands for.
     - ``index`` (B, N): for every original patch (raster order), its row in the current token sequence
       (prefix tokens included, so patch rows start at ``n_prefix``).
-    - ``history``: with ``trace_source``, the ``index`` map after each merge step (for visualisation).
+    - ``steps``: merge steps applied so far; ``history``: with ``trace_source``, the ``index`` map after
+      each step (for visualisation).
     """
 
     size: torch.Tensor
@@ -46,6 +55,7 @@ class MergeState:
     grid: tuple[int, int]
     prop_attn: bool = False
     trace_source: bool = False
+    steps: int = 0
     history: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
@@ -71,17 +81,25 @@ class MergeState:
         """Current sequence length, prefix tokens included."""
         return self.size.shape[1]
 
-    def merge(self, x: torch.Tensor, dest: torch.Tensor, n_out: int) -> torch.Tensor:
-        """Apply one merge step to the tokens ``x`` and to this state; returns the merged tokens."""
-        x, self.size = merge_weighted(x, self.size, dest, n_out)
-        self.index = dest.gather(1, self.index)
+    def merge(self, x: torch.Tensor, dest: torch.Tensor | None, n_out: int) -> torch.Tensor:
+        """Apply one merge step to the tokens ``x`` and to this state; returns the merged tokens.
+
+        ``dest=None`` records a step that left every token in place.
+        """
+        if dest is not None:
+            x, self.size = merge_weighted(x, self.size, dest, n_out)
+            self.index = dest.gather(1, self.index)
+        self.steps += 1
         if self.trace_source:
             self.history.append(self.index)
         return x
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Proportional attention: ``log(size)`` of every key as an additive mask (B, 1, 1, T), or None."""
-        if not self.prop_attn:
+        """Proportional attention: ``log(size)`` of every key as an additive mask (B, 1, 1, T).
+
+        ``None`` without proportional attention or before any merge (all sizes are 1 then).
+        """
+        if not self.prop_attn or self.steps == 0:
             return None
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 

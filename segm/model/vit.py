@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from algm.merge import MergeState, MergingBlock
+from algm.merge import MergeOptions, MergeState, MergingBlock
 
 
 def init_weights(module: nn.Module) -> None:
@@ -95,14 +94,6 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, im: torch.Tensor) -> torch.Tensor:
         return self.proj(im).flatten(2).transpose(1, 2)
-
-
-@dataclass
-class MergeOptions:
-    """How a token-merging patch wants the encoder to run: set by the patch, ``None`` when unpatched."""
-
-    prop_attn: bool = False
-    trace_source: bool = False
 
 
 class VisionTransformer(nn.Module):
