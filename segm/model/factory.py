@@ -233,7 +233,7 @@ def _timm_hub_weights(backbone: str) -> dict[str, torch.Tensor]:
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as err:
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not fetch the ImageNet weights '{name}' ({type(err).__name__}); download them once with "
             f"network access (timm.create_model('{name}', pretrained=True)), pass a local weight file "
             "(--pretrained PATH), or train without pretraining (--no-pretrained)"
