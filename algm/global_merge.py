@@ -18,6 +18,21 @@ import torch
 from algm.merge import MergeState
 
 
+def best_partners(x: torch.Tensor, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every A token (even positions), its best cosine similarity to a B token and that B index.
+
+    The class token's row (A[0]) is -inf; with a distillation token (B[0]) nobody may pick it. fp32.
+    """
+    metric = x.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    scores[:, 0, :] = -math.inf
+    if n_prefix == 2:
+        scores[:, :, 0] = -math.inf
+    return scores.max(dim=-1)
+
+
 def gbm_destinations(
     x: torch.Tensor, n_prefix: int, layer_idx: int
 ) -> tuple[torch.Tensor | None, int, int]:
@@ -26,19 +41,12 @@ def gbm_destinations(
     if (T - n_prefix) // 2 <= 0:
         return None, T, 0
     with torch.no_grad():
-        metric = x.float()
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)
-        scores[:, 0, :] = -math.inf
-        if n_prefix == 2:
-            scores[:, :, 0] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
+        node_max, node_idx = best_partners(x, n_prefix)
         scored = node_max[:, 1:]
         threshold = scored.mean(dim=1).mean() + scored.std(dim=1).mean() / layer_idx
         r = int((node_max >= threshold).sum(dim=1).min())
 
-        n_a, n_b = a.shape[1], b.shape[1]
+        n_a, n_b = (T + 1) // 2, T // 2
         order = node_max.argsort(dim=1, descending=True)
         merged = torch.zeros(B, n_a, dtype=torch.bool, device=x.device)
         merged.scatter_(1, order[:, :r], True)

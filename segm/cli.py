@@ -101,3 +101,23 @@ def fail_cleanly(func: Callable) -> Callable:
             sys.exit(2)
 
     return wrapper
+
+
+def resolve_device(name: str | None) -> "torch.device":
+    """``cuda`` when available and nothing is asked, else the request; CUDA asked but absent is an error."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+device_option = click.option(
+    "--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)."
+)
+root_option = click.option(
+    "--root", type=click.Path(path_type=str), default=None, help="Dataset root (overrides $DATASET)."
+)

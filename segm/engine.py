@@ -1,0 +1,122 @@
+"""One training epoch and one evaluation pass, shared by ``segm.train`` and ``segm.eval.miou``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from segm.metrics import confusion_matrix, scores_from_confusion
+from segm.model.inference import inference
+from segm.utils.distributed import all_reduce_sum
+from segm.utils.progress import progress
+
+IGNORE_INDEX = 255
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because a loss was NaN or infinite (the last checkpoint is left intact)."""
+
+
+def autocast_context(device: torch.device, enabled: bool, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts (or no-ops when AMP is off)."""
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Train for one epoch; returns the mean loss and learning rate over all iterations of all processes.
+
+    The scheduler steps after every iteration. A non-finite loss raises ``NonFiniteLossError`` before
+    any parameter is updated.
+    """
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64)
+    bar = progress(loader, show_progress, desc=f"epoch {epoch}", leave=False)
+    for iteration, batch in enumerate(bar):
+        im = batch["im"].to(device, non_blocking=True)
+        target = batch["segmentation"].to(device, non_blocking=True).long()
+        with autocast():
+            loss = criterion(model(im), target)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; stopping "
+                "(checkpoint.pth still holds the previous epoch)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]
+        totals += torch.tensor([loss_value, lr, 1.0], dtype=torch.float64)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+    totals = all_reduce_sum(totals.to(device)).cpu()
+    count = max(totals[2].item(), 1.0)
+    return {"loss": totals[0].item() / count, "learning_rate": totals[1].item() / count}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    n_cls: int,
+    window_size: int,
+    window_stride: int,
+    device: torch.device,
+    window_batch_size: int = 1,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    show_progress: bool = False,
+    max_images: int | None = None,
+    on_prediction: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+) -> dict[str, Any]:
+    """Sliding-window evaluation at the original label resolution; scores summed over all processes.
+
+    ``loader`` yields validation items (batch size 1): views, flips, ``ori_shape`` and the mapped label
+    ``gt``. ``on_prediction(item, pred)`` sees every predicted label map (e.g. to save images).
+    """
+    model.eval()
+    confusion = torch.zeros(n_cls, n_cls, dtype=torch.int64, device=device)
+    seen = 0
+    for item in progress(loader, show_progress, desc="eval", leave=False):
+        if max_images is not None and seen >= max_images:
+            break
+        metas = [{"flip": flip} for flip in item["flip"]]
+        with autocast():
+            probs = inference(model, item["im"], metas, item["ori_shape"], window_size, window_stride, window_batch_size)
+        pred = probs.argmax(0)
+        confusion += confusion_matrix(pred, item["gt"], n_cls, IGNORE_INDEX)
+        if on_prediction is not None:
+            on_prediction(item, pred)
+        seen += 1
+    confusion = all_reduce_sum(confusion)
+    scores = scores_from_confusion(confusion)
+    scores["images"] = int(all_reduce_sum(torch.tensor(seen, device=device)).item())
+    return scores

@@ -1,0 +1,168 @@
+"""Evaluate a checkpoint: ``python -m segm.eval.miou MODEL_PATH DATASET_NAME [--multiscale] [--patch-type algm ...]``.
+
+Sliding-window inference (windows forwarded ``--window-batch-size`` at a time, in the reference's order),
+metrics on the original-resolution labels as mmsegmentation 0.14 computes them; prints the reference's
+lines and a per-class table and writes ``scores_{ss,ms}.yml`` beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from segm.cli import Command, apply_token_reduction_options, device_option, fail_cleanly, resolve_device, root_option, token_reduction_options
+from segm.config import dataset_config
+from segm.data import STATS, create_dataset, create_loader
+from segm.engine import evaluate
+from segm.model.factory import load_model
+from segm.utils import distributed
+from segm.visualize import blend, colorize, denormalize
+
+
+def default_window_stride(dataset: str, crop_size: int) -> int:
+    """The reference's evaluation stride: crop - 32, and 512 for Cityscapes."""
+    return 512 if dataset == "cityscapes" else crop_size - 32
+
+
+class ImageSaver:
+    """Writes ``input/``, ``pred/`` and ``gt/`` PNGs (blended or not) under ``<model dir>/images``."""
+
+    def __init__(self, out_dir: Path, dataset: Any, normalization: str, use_blend: bool):
+        self.out_dir = out_dir
+        self.palette = np.asarray(dataset.palette, dtype=np.uint8)
+        self.stats = STATS[normalization]
+        self.use_blend = use_blend
+        self.per_city = dataset.name == "cityscapes" if hasattr(dataset, "name") else False
+
+    def __call__(self, item: dict[str, Any], pred: torch.Tensor) -> None:
+        H, W = item["ori_shape"]
+        unflipped = [v for v, f in zip(item["im"], item["flip"]) if not f] or list(item["im"])
+        view = min(unflipped, key=lambda v: abs(v.shape[-2] * v.shape[-1] - H * W))
+        view = F.interpolate(view.reshape(1, 3, *view.shape[-2:]).float(), (H, W), mode="bilinear", align_corners=False)
+        image = denormalize(view, self.stats["mean"], self.stats["std"])
+        pred_rgb = colorize(pred, self.palette)
+        gt_rgb = colorize(item["gt"], self.palette)
+        if self.use_blend:
+            pred_rgb, gt_rgb = blend(image, pred_rgb), blend(image, gt_rgb)
+        name = Path(item["filename"])
+        base = self.out_dir / name.parent if self.per_city else self.out_dir
+        stem = name.name if self.per_city else str(name)
+        for sub, array in (("input", image), ("pred", pred_rgb), ("gt", gt_rgb)):
+            path = (base / sub / stem).with_suffix(".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+
+
+def write_archive(folder: Path) -> Path:
+    """Zip ``folder`` to ``folder.zip`` through a temporary name, so no half-written zip is ever left."""
+    tmp_base = folder.with_name(f".{folder.name}-partial")
+    archive = Path(shutil.make_archive(str(tmp_base), "zip", folder))
+    final = folder.with_suffix(".zip")
+    archive.replace(final)
+    return final
+
+
+def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> str:
+    width = max([len("class")] + [len(n) for n in names])
+    lines = [f"| {'class':<{width}} | IoU | Acc |", f"|{'-' * (width + 2)}|---|---|"]
+    for name, iou, acc in zip(names, cat_iou, cat_acc):
+        fmt = lambda v: "nan" if math.isnan(v) else f"{100 * v:.2f}"
+        lines.append(f"| {name:<{width}} | {fmt(iou)} | {fmt(acc)} |")
+    return "\n".join(lines)
+
+
+@click.command(cls=Command)
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("dataset_name", type=str)
+@root_option
+@click.option("--im-size", type=int, default=None, help="Short side of the test images (default: config.yml's for the dataset).")
+@click.option("--multiscale/--singlescale", default=False, show_default=True, help="6 scales x flip, or one view.")
+@click.option("--blend/--no-blend", default=True, show_default=True, help="Blend saved predictions with the input.")
+@click.option("--window-size", type=int, default=None, help="Sliding window (default: the training crop size).")
+@click.option("--window-stride", type=int, default=None, help="Window stride (default: crop - 32; 512 for cityscapes).")
+@click.option("--window-batch-size", type=int, default=4, show_default=True,
+              help="Windows per forward; ALGM's merge count is a minimum over each group.")
+@click.option("--save-images/--no-save-images", default=False, show_default=True, help="Write images/ and images.zip beside the model.")
+@click.option("-frac-dataset", "--frac-dataset", type=float, default=1.0, show_default=True, help="Evaluate this fraction of the images.")
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@device_option
+@token_reduction_options
+@fail_cleanly
+def main(model_path: Path, dataset_name: str, **opts: Any) -> None:
+    """Evaluate MODEL_PATH (checkpoint.pth with variant.yml beside it) on the validation set of DATASET_NAME."""
+    requested = resolve_device(opts.pop("device"))
+    env = distributed.init_distributed(requested)
+    device = distributed.process_device(requested, env)
+    try:
+        run(model_path, dataset_name, opts, env, device)
+    finally:
+        distributed.destroy()
+
+
+def run(model_path: Path, dataset_name: str, opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) -> None:
+    model, variant = load_model(model_path)
+    ds_cfg = dataset_config(dataset_name)
+    trained = variant.get("dataset_kwargs", {})
+    if trained.get("patch_type") == "algm" and opts["patch_type"] == "pure" and env.is_main:
+        click.echo("note: this model was trained with ALGM; add --patch-type algm (and its settings) to evaluate with merging")
+    apply_token_reduction_options(model, opts)
+    model.to(device).eval()
+
+    crop_size = trained.get("crop_size") or variant["net_kwargs"]["image_size"][0]
+    im_size = opts["im_size"] or ds_cfg.get("im_size", trained.get("image_size"))
+    window_size = opts["window_size"] or crop_size
+    window_stride = opts["window_stride"] or default_window_stride(dataset_name, crop_size)
+    normalization = trained.get("normalization", variant["net_kwargs"]["normalization"])
+    dataset = create_dataset(dataset_name, "val", im_size=im_size, normalization=normalization,
+                             root=opts["root"], multiscale=opts["multiscale"])
+    if dataset.n_cls != model.n_cls:
+        raise ValueError(f"the model predicts {model.n_cls} classes but {dataset_name} has {dataset.n_cls}")
+    loader = create_loader(dataset, 1, num_workers=opts["num_workers"], distributed=env.distributed,
+                           pin_memory=device.type == "cuda")
+    n_images = math.ceil(len(dataset) * opts["frac_dataset"])
+    per_process = math.ceil(n_images / env.world_size)
+
+    model_dir = model_path if model_path.is_dir() else model_path.parent
+    saver = None
+    if opts["save_images"]:
+        images_dir = model_dir / "images"
+        if env.is_main and images_dir.exists():
+            shutil.rmtree(images_dir)
+        distributed.barrier()
+        saver = ImageSaver(images_dir, dataset, normalization, opts["blend"])
+    scores = evaluate(model, loader, dataset.n_cls, window_size, window_stride, device,
+                      window_batch_size=opts["window_batch_size"], show_progress=env.is_main,
+                      max_images=per_process, on_prediction=saver)
+    distributed.barrier()
+    if not env.is_main:
+        return
+    if saver is not None:
+        click.echo(f"Saved evaluation images in {write_archive(model_dir / 'images')}")
+    inference_mode = "multi_scale" if opts["multiscale"] else "single_scale"
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou"):
+        click.echo(f"{key}: {scores[key]}")
+    click.echo(f"inference: {inference_mode}")
+    click.echo(f"images: {scores['images']}, window {window_size}, stride {window_stride}, short side {im_size}")
+    click.echo(format_table(list(dataset.names), scores["cat_iou"], scores["cat_acc"]))
+    out = {
+        "cat_iou": [float(v) for v in np.round(100 * scores["cat_iou"], 2)],
+        "inference": inference_mode,
+        "mean_accuracy": scores["mean_accuracy"],
+        "mean_iou": scores["mean_iou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+    }
+    suffix = "ms" if opts["multiscale"] else "ss"
+    (model_dir / f"scores_{suffix}.yml").write_text(yaml.safe_dump(out))
+
+
+if __name__ == "__main__":
+    main()

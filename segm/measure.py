@@ -1,0 +1,137 @@
+"""What ``segm.speedtest``, ``segm.flops`` and ``algm.calibrate`` share: the model (from a checkpoint folder
+or from a backbone with random weights), the measurement images and the FLOP counter.
+
+Images follow the published protocol: validation images squashed to ``crop x crop`` (PIL bilinear, as
+torchvision's ``Resize`` on PIL images), scaled to [0, 1] and normalised; ``keep_aspect`` resizes the
+short side instead. Without ``$DATASET`` (or with ``synthetic``) the synthetic scenes are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from segm.cli import compose, device_option, root_option
+from segm.data import STATS, create_dataset, dataset_info
+from segm.model.factory import create_segmenter, load_model, net_kwargs_for
+
+
+def measured_model(
+    model_dir: Path | None, backbone: str | None, decoder: str, crop_size: int | None, n_cls: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to measure, in eval mode, and its ``crop_size`` / ``normalization``.
+
+    From ``model_dir/checkpoint.pth`` when a folder is given, else a randomly initialised ``backbone``.
+    """
+    if model_dir is not None:
+        path = Path(model_dir) / "checkpoint.pth"
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint.pth in --model-dir {model_dir} (looked for {path})")
+        model, variant = load_model(path)
+        ds = variant.get("dataset_kwargs", {})
+        crop = ds.get("crop_size") or variant["net_kwargs"]["image_size"][0]
+        norm = ds.get("normalization", variant["net_kwargs"]["normalization"])
+        return model, {"crop_size": int(crop), "normalization": norm, "source": str(path)}
+    if backbone is None:
+        raise ValueError("give --model-dir (a trained model) or --backbone (random weights)")
+    crop = crop_size or 512
+    net = net_kwargs_for(backbone, decoder, n_cls=n_cls, crop_size=crop)
+    torch.manual_seed(0)
+    model = create_segmenter(net).eval()
+    return model, {"crop_size": crop, "normalization": net["normalization"], "source": f"{backbone} (random weights)"}
+
+
+def use_synthetic(dataset: str | None, root: str | None) -> bool:
+    """Measure on synthetic scenes when asked to, or when no dataset root is known."""
+    return dataset in (None, "synthetic") or (root is None and not os.environ.get("DATASET"))
+
+
+class MeasurementImages(Dataset):
+    """Decoded images of a dataset split, resized for measurement and normalised: ``[3, h, w]`` float."""
+
+    def __init__(self, source: Any, size: int, normalization: str, keep_aspect: bool = False, limit: int | None = None):
+        self.source = source
+        self.size = size
+        self.keep_aspect = keep_aspect
+        self.mean = torch.tensor(STATS[normalization]["mean"])[:, None, None]
+        self.std = torch.tensor(STATS[normalization]["std"])[:, None, None]
+        self.length = len(source) if limit is None else min(limit, len(source))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = Image.fromarray(self.source.image(index))
+        if self.keep_aspect:
+            scale = self.size / min(image.size)
+            target = (round(image.size[0] * scale), round(image.size[1] * scale))
+        else:
+            target = (self.size, self.size)
+        rgb = np.asarray(image.resize(target, Image.BILINEAR), dtype=np.float32) / 255.0
+        x = torch.from_numpy(rgb).permute(2, 0, 1)
+        return (x - self.mean) / self.std
+
+
+def measurement_loader(
+    dataset: str | None, root: str | None, split: str, size: int, normalization: str,
+    batch_size: int = 1, keep_aspect: bool = False, limit: int | None = None,
+) -> tuple[DataLoader, str]:
+    """Batches of measurement images and the name of the data they come from."""
+    name = "synthetic" if use_synthetic(dataset, root) else dataset
+    if keep_aspect and batch_size > 1:
+        raise ValueError("--keep-aspect gives images of different shapes: use --batch-size 1")
+    source = create_dataset(name, split, root=root)
+    images = MeasurementImages(source, size, normalization, keep_aspect, limit)
+    if len(images) == 0:
+        raise ValueError(f"the {split} split of {name} holds no images")
+    return DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0), name
+
+
+def default_n_cls(dataset: str | None, root: str | None) -> int:
+    """Class count of the dataset whose images are measured (150, ADE20K's, for synthetic inputs)."""
+    return 150 if use_synthetic(dataset, root) else dataset_info(dataset).n_cls
+
+
+def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: the two attention matrix products.
+
+    ``Q K^T`` and ``A V`` count ``B h Lq Lk d`` and ``B h Lq Lk dv`` multiply-adds, exactly what fvcore
+    counts for the explicit ``q @ k.transpose`` and ``attn @ v`` of the reference's attention.
+    """
+    q, k, v = (inputs[i].type().sizes() for i in range(3))
+    batch = int(np.prod(q[:-2]))
+    return batch * q[-2] * k[-2] * q[-1] + batch * q[-2] * k[-2] * v[-1]
+
+
+def flop_analysis(model: nn.Module, x: torch.Tensor):
+    """An fvcore ``FlopCountAnalysis`` (1 multiply-add = 1 flop) with the attention handle registered."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(model, x)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
+    return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+
+
+measurement_options: Callable = compose(
+    click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+                 help="Folder with checkpoint.pth and variant.yml (else --backbone with random weights)."),
+    click.option("--dataset", type=str, default=None,
+                 help="Dataset whose validation images are used (synthetic scenes without $DATASET)."),
+    root_option,
+    click.option("--backbone", type=str, default=None, help="Backbone for random weights (without --model-dir)."),
+    click.option("--decoder", type=click.Choice(["linear", "mask_transformer"]), default="mask_transformer",
+                 show_default=True, help="Decoder for random weights."),
+    click.option("--crop-size", type=int, default=None, help="Input size for random weights (default 512)."),
+    click.option("--batch-size", type=int, default=1, show_default=True),
+    click.option("--keep-aspect", is_flag=True, default=False,
+                 help="Resize the short side to the crop instead of squashing to a square."),
+    device_option,
+)

@@ -1,0 +1,125 @@
+"""Images per second with the published protocol: ``python -m segm.speedtest --model-dir D --dataset ade20k``.
+
+Every loader batch is repeated ``--repeat`` (32) times, the first ``--warmup`` (50) forwards are not timed,
+every later forward is timed between device synchronisations, and ``im/s = repeat * batch / mean time``
+(fp32, no_grad). ``--compare`` times pure and ALGM in one process, interleaved on the same images.
+Prints ``FPS: <im/s>`` and a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Iterator
+
+import click
+import torch
+import torch.nn as nn
+
+from segm.cli import Command, apply_token_reduction_options, fail_cleanly, resolve_device, token_reduction_options
+from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options
+from segm.model.token_reduction import apply_token_reduction
+from segm.utils.progress import progress
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_forward(model: nn.Module, x: torch.Tensor, device: torch.device, autocast: Callable) -> float:
+    """Seconds of one forward, between device synchronisations."""
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast():
+        model(x)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def batches(loader, n: int) -> Iterator[torch.Tensor]:
+    """``n`` batches, going through the loader again when it is shorter."""
+    return itertools.islice(itertools.cycle(loader), n) if len(loader) < n else itertools.islice(loader, n)
+
+
+def measure(
+    model: nn.Module, loader, device: torch.device, repeat: int, warmup: int, iters: int | None,
+    autocast: Callable, channels_last: bool, variants: dict[str, Callable[[], None]], show_progress: bool = True,
+) -> dict[str, list[float]]:
+    """Timings per variant (a setup function each: patch or unpatch the model), interleaved per batch."""
+    timed = iters if iters is not None else max(len(loader) - warmup, 1)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    with torch.no_grad():
+        stream = batches(loader, warmup + timed)
+        for i, batch in enumerate(progress(stream, show_progress, total=warmup + timed, leave=False)):
+            x = batch.to(device).repeat(repeat, 1, 1, 1)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            order = names if i % 2 == 0 else names[::-1]
+            for name in order:
+                variants[name]()
+                if i < warmup:
+                    with autocast():
+                        model(x)
+                else:
+                    times[name].append(timed_forward(model, x, device, autocast))
+    return times
+
+
+@click.command(cls=Command)
+@measurement_options
+@click.option("--repeat", type=int, default=32, show_default=True, help="Copies of each batch per forward.")
+@click.option("--warmup", type=int, default=50, show_default=True, help="Untimed forwards first.")
+@click.option("--iters", type=int, default=None, help="Timed forwards (default: the rest of the validation set).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True, help="Autocast dtype.")
+@click.option("--channels-last", is_flag=True, default=False, help="Channels-last input (helps the patch embedding).")
+@click.option("--compare", is_flag=True, default=False,
+              help="Time pure and ALGM interleaved on the same images; prints both and the speed-up.")
+@click.option("--trace-source", is_flag=True, default=False, help="Keep ALGM's per-step index maps (visualisation cost).")
+@token_reduction_options
+@fail_cleanly
+def main(**opts: Any) -> None:
+    """Measure images/s of a Segmenter (optionally with ALGM) with the published protocol."""
+    device = resolve_device(opts["device"])
+    model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
+                                 default_n_cls(opts["dataset"], opts["root"]))
+    model.to(device)
+    if opts["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    loader, data_name = measurement_loader(opts["dataset"], opts["root"], "val", info["crop_size"], info["normalization"],
+                                           opts["batch_size"], opts["keep_aspect"])
+    dtype = DTYPES[opts["dtype"]]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    algm_opts = dict(opts, patch_type="algm") if opts["compare"] else opts
+    variants = {opts["patch_type"]: lambda: apply_token_reduction_options(model, opts, opts["trace_source"])}
+    if opts["compare"]:
+        variants = {
+            "pure": lambda: apply_token_reduction(model, "pure"),
+            "algm": lambda: apply_token_reduction_options(model, algm_opts, opts["trace_source"]),
+        }
+    times = measure(model, loader, device, opts["repeat"], opts["warmup"], opts["iters"], autocast,
+                    opts["channels_last"], variants)
+    images = opts["repeat"] * opts["batch_size"]
+    fps = {name: round(images / (sum(t) / len(t)), 2) for name, t in times.items()}
+    summary = {
+        "model": info["source"], "data": data_name, "device": str(device), "dtype": opts["dtype"],
+        "batch": images, "timed_forwards": len(next(iter(times.values()))), "warmup": opts["warmup"],
+        "input": "keep-aspect" if opts["keep_aspect"] else f"{info['crop_size']}x{info['crop_size']}",
+        "fps": fps,
+    }
+    if opts["compare"]:
+        summary["speedup"] = round(fps["algm"] / fps["pure"], 3)
+        click.echo(f"FPS pure: {fps['pure']}")
+        click.echo(f"FPS algm: {fps['algm']}")
+        click.echo(f"speed-up: {summary['speedup']}")
+    click.echo(f"FPS: {fps[list(variants)[-1]]}")
+    click.echo(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
