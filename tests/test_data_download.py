@@ -21,6 +21,7 @@ from PIL import Image
 from segm.data import create_dataset
 from segm.scripts import prepare_ade20k, prepare_cityscapes, prepare_coco_stuff, prepare_pcontext
 from segm.scripts.download import DownloadError, Source, download, extract, fetch
+from segm.scripts.parallel import run_parallel
 
 PAYLOAD = bytes(range(256)) * 4096
 
@@ -190,3 +191,14 @@ def test_prepare_cityscapes_download_needs_credentials(tmp_path, monkeypatch):
     result = CliRunner().invoke(prepare_cityscapes.main, [str(tmp_path)], env={"CITYSCAPES_USERNAME": None})
     assert result.exit_code == 2 and "--username" in result.output
     assert os.listdir(tmp_path) == []
+
+
+def touch(path: Path) -> None:
+    path.write_text("done")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_run_parallel_processes_every_item(tmp_path, nproc):
+    paths = [tmp_path / f"{index}.txt" for index in range(20)]
+    run_parallel(touch, paths, nproc, "touching")
+    assert all(path.read_text() == "done" for path in paths)

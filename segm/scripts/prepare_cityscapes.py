@@ -15,14 +15,13 @@ import os
 import sys
 import urllib.parse
 import urllib.request
-from multiprocessing import Pool
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from segm.data.check import check_prepared
 from segm.scripts.download import DownloadError, Source, extract, fetch, from_archive_option
+from segm.scripts.parallel import run_parallel
 
 LOGIN_URL = "https://www.cityscapes-dataset.com/login/"
 SOURCES = (
@@ -88,12 +87,7 @@ def main(download_dir: Path, archives: tuple[Path, ...], username: str | None, n
         opener = login(username, password)
     for path in fetch(SOURCES, downloads, archives, opener).values():
         extract(path, dataset_dir, marker_dir=downloads)
-    polygons = pending_polygons(dataset_dir / "gtFine")
-    with Pool(max(nproc, 1)) as pool:
-        progress = tqdm(pool.imap_unordered(convert_polygons, polygons, chunksize=8), total=len(polygons),
-                        desc="polygons -> trainIds", disable=not sys.stderr.isatty())
-        for _ in progress:
-            pass
+    run_parallel(convert_polygons, pending_polygons(dataset_dir / "gtFine"), nproc, "polygons -> trainIds")
     sys.exit(check_prepared("cityscapes", download_dir))
 
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import click
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from segm.data.check import check_prepared
 from segm.data.coco_stuff import LAYOUT, RAW_TO_TRAIN_ID
 from segm.data.io import load_label
 from segm.scripts.download import Source, extract, fetch, from_archive_option
+from segm.scripts.parallel import run_parallel
 
 IMAGES = ("train2017.zip", "val2017.zip")
 SOURCES = (
@@ -62,11 +61,7 @@ def main(download_dir: Path, archives: tuple[Path, ...], nproc: int) -> None:
     downloads = dataset_dir / "downloads"
     for name, path in fetch(SOURCES, downloads, archives).items():
         extract(path, dataset_dir / ("images" if name in IMAGES else "annotations"), marker_dir=downloads)
-    maps = pending_maps(dataset_dir / "annotations")
-    with Pool(max(nproc, 1)) as pool:
-        for _ in tqdm(pool.imap_unordered(convert_map, maps, chunksize=16), total=len(maps),
-                      desc="raw ids -> trainIds", disable=not sys.stderr.isatty()):
-            pass
+    run_parallel(convert_map, pending_maps(dataset_dir / "annotations"), nproc, "raw ids -> trainIds")
     sys.exit(check_prepared("coco_stuff", download_dir))
 
 
