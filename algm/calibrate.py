@@ -23,7 +23,7 @@ from algm.global_merge import best_partners
 from algm.local_merge import window_similarity
 from segm.cli import Command, fail_cleanly, resolve_device, root_option
 from segm.measure import measurement_loader
-from segm.model.factory import load_model
+from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.token_reduction import default_selected_layers
 from segm.utils.progress import progress
 
@@ -121,10 +121,8 @@ def main(model_path: Path, dataset: str, **opts: Any) -> None:
     device = resolve_device(opts["device"])
     model, variant = load_model(model_path)
     model.to(device)
-    ds = variant.get("dataset_kwargs", {})
-    crop = ds.get("crop_size") or variant["net_kwargs"]["image_size"][0]
-    normalization = ds.get("normalization", variant["net_kwargs"]["normalization"])
-    loader, data_name = measurement_loader(dataset, opts["root"], opts["split"], crop, normalization,
+    loader, data_name = measurement_loader(dataset, opts["root"], opts["split"], variant_crop_size(variant),
+                                           variant_normalization(variant),
                                            limit=opts["max_images"] or None)
     selected = list(opts["selected_layers"]) or default_selected_layers(len(model.encoder.blocks))
     window = tuple(opts["merging_window_size"])

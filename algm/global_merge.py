@@ -48,8 +48,9 @@ def gbm_destinations(
 
         n_a, n_b = (T + 1) // 2, T // 2
         order = node_max.argsort(dim=1, descending=True)
+        sources = order[:, :r]
         merged = torch.zeros(B, n_a, dtype=torch.bool, device=x.device)
-        merged.scatter_(1, order[:, :r], True)
+        merged.scatter_(1, sources, torch.ones_like(sources, dtype=torch.bool))
         kept_rank = (~merged).long().cumsum(dim=1) - 1
         n_kept = n_a - r
         b_pos = n_kept + torch.arange(n_b, device=x.device).expand(B, -1)

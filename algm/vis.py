@@ -8,7 +8,6 @@ from typing import Sequence
 
 import click
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from segm.cli import Command, algm_options, fail_cleanly
@@ -64,8 +63,9 @@ def merge_panels(
 @fail_cleanly
 def main(model_path: Path, image: Path, output: Path, im_size: int | None, **algm_settings) -> None:
     """Visualise ALGM merge groups of MODEL_PATH (a checkpoint) on IMAGE, one panel per selected layer."""
-    from segm.data import STATS, load_rgb
-    from segm.model.factory import load_model
+    from segm.data import load_rgb
+    from segm.inference import merge_maps, resize_short_side, to_tensor
+    from segm.model.factory import load_model, variant_crop_size, variant_normalization
     from segm.model.token_reduction import apply_token_reduction
 
     model, variant = load_model(model_path)
@@ -73,21 +73,10 @@ def main(model_path: Path, image: Path, output: Path, im_size: int | None, **alg
         model, "algm", algm_settings["selected_layers"] or None,
         algm_settings["merging_window_size"], algm_settings["threshold"], trace_source=True,
     )
-    rgb = load_rgb(image)
-    size = im_size or variant["net_kwargs"]["image_size"][0]
-    scale = size / min(rgb.shape[:2])
-    new_hw = (round(rgb.shape[0] * scale), round(rgb.shape[1] * scale))
-    rgb = np.asarray(Image.fromarray(rgb).resize((new_hw[1], new_hw[0]), Image.BILINEAR))
-    stats = STATS[variant["net_kwargs"]["normalization"]]
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
-    x = (x - torch.tensor(stats["mean"])[:, None, None]) / torch.tensor(stats["std"])[:, None, None]
-    with torch.no_grad():
-        _, state = model.encoder.forward_tokens(
-            torch.nn.functional.pad(x[None], (0, (-new_hw[1]) % model.patch_size, 0, (-new_hw[0]) % model.patch_size))
-        )
-    maps = [h[0].numpy() for h in state.history]
+    rgb = resize_short_side(load_rgb(image), im_size or variant_crop_size(variant))
+    maps, grid = merge_maps(model, to_tensor(rgb, variant_normalization(variant)))
     titles = [f"layer {n}: {int(m.max()) + 1} tokens" for n, m in zip(layers, maps)]
-    merge_panels(rgb, maps, state.grid, model.patch_size, titles).save(output)
+    merge_panels(rgb, maps, grid, model.patch_size, titles).save(output)
     click.echo(f"wrote {output} ({', '.join(titles)})")
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segm.cli import compose, device_option, root_option
 from segm.data import STATS, create_dataset, dataset_info
-from segm.model.factory import create_segmenter, load_model, net_kwargs_for
+from segm.model.factory import create_segmenter, load_model, net_kwargs_for, variant_crop_size, variant_normalization
 
 
 def measured_model(
@@ -36,10 +36,8 @@ def measured_model(
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint.pth in --model-dir {model_dir} (looked for {path})")
         model, variant = load_model(path)
-        ds = variant.get("dataset_kwargs", {})
-        crop = ds.get("crop_size") or variant["net_kwargs"]["image_size"][0]
-        norm = ds.get("normalization", variant["net_kwargs"]["normalization"])
-        return model, {"crop_size": int(crop), "normalization": norm, "source": str(path)}
+        return model, {"crop_size": variant_crop_size(variant), "normalization": variant_normalization(variant),
+                       "source": str(path)}
     if backbone is None:
         raise ValueError("give --model-dir (a trained model) or --backbone (random weights)")
     crop = crop_size or 512

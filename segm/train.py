@@ -146,6 +146,7 @@ def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] 
 @click.option("--no-pretrained", is_flag=True, default=False, help="Random encoder initialisation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=int, default=4, show_default=True, help="Data-loading processes per GPU.")
+@click.option("--max-images", type=int, default=None, help="Use only the first N images of each split (quick checks).")
 @device_option
 @token_reduction_options
 @fail_cleanly
@@ -171,9 +172,10 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
     seed = algo["seed"]
 
     train_set = create_dataset(opts["dataset"], "train", im_size=ds_kwargs["image_size"], crop_size=ds_kwargs["crop_size"],
-                               normalization=ds_kwargs["normalization"], root=opts["root"], seed=seed)
+                               normalization=ds_kwargs["normalization"], root=opts["root"], seed=seed,
+                               max_images=opts["max_images"])
     val_set = create_dataset(opts["dataset"], "val", im_size=inf["im_size"], normalization=ds_kwargs["normalization"],
-                             root=opts["root"], seed=seed)
+                             root=opts["root"], seed=seed, max_images=opts["max_images"])
     train_loader = create_loader(train_set, ds_kwargs["batch_size"], num_workers=opts["num_workers"],
                                  distributed=env.distributed, seed=seed, pin_memory=device.type == "cuda")
     val_loader = create_loader(val_set, 1, num_workers=min(opts["num_workers"], 2), distributed=env.distributed,
@@ -256,6 +258,11 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
             with open(log_dir / "log.txt", "a") as f:
                 f.write(json.dumps(record) + "\n")
             click.echo(f"Epoch {epoch}: train_loss {record['train_loss']:.4f}")
+    if env.distributed:
+        if not distributed.replicas_identical(model):
+            raise RuntimeError("the processes ended with different weights: the data-parallel run is broken")
+        if main_process:
+            click.echo(f"Weights identical on all {env.world_size} processes")
     distributed.barrier()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from data_fixtures import SMALL, save_png, write_small
+from tests.data_fixtures import SMALL, save_png, write_small
 
 from segm.data import dataset_info
 from segm.data.check import main

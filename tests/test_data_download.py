@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from data_fixtures import save_png, write_small
+from tests.data_fixtures import save_png, write_small
 from PIL import Image
 
 from segm.data import create_dataset

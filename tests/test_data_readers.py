@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_fixtures import COUNTS, LAYOUTS, SMALL, save_palette_png, save_png, write_small
+from tests.data_fixtures import COUNTS, LAYOUTS, SMALL, save_palette_png, save_png, write_small
 from PIL import Image
 
 from segm.data import DatasetError, create_dataset, dataset_info, dataset_names, load_label, load_rgb

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from segm.config import dataset_config, dataset_dir
 from segm.data.base import SPLITS, SegmentationDataset
@@ -80,6 +80,20 @@ class EpochSampler(DistributedSampler):
         return iter(zip(indices, seeds[self.rank:self.total_size:self.num_replicas].tolist()))
 
 
+class ShardSampler(Sampler[int]):
+    """Every ``num_replicas``-th index from ``rank``, without padding: each image is seen by one process
+    exactly once, so per-process sums (confusion matrices) add up to the whole dataset."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.indices = range(rank, length, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def per_process_batch_size(world_batch: int, world_size: int) -> int:
     """The batch size of each process; the world batch must split evenly across processes."""
     if world_size < 1 or world_batch < 1:
@@ -138,8 +152,8 @@ def create_loader(dataset: SegmentationDataset, batch_size: int, *, num_workers:
     Training (``dataset.split == "train"``) samples through :class:`EpochSampler`, shuffled unless
     ``shuffle=False``; validation keeps the dataset order (unless ``shuffle=True``), takes batches of
     one and collates with :func:`collate_val`. ``distributed`` splits the data across the processes of
-    the initialised process group (as DistributedSampler does, the last round is padded with repeated
-    images, so key validation results by ``filename``). Workers persist between epochs and seed their global generators;
+    the initialised process group: training as DistributedSampler does (padded to equal shares),
+    validation in disjoint shards without repeats (:class:`ShardSampler`). Workers persist between epochs and seed their global generators;
     memory is pinned only when CUDA is available unless ``pin_memory`` says otherwise.
     """
     training = dataset.split == "train"
@@ -151,7 +165,7 @@ def create_loader(dataset: SegmentationDataset, batch_size: int, *, num_workers:
     else:
         if batch_size != 1:
             raise ValueError(f"validation loaders take batch_size=1 (got {batch_size}): views differ in size")
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed) if distributed else None
+        sampler = ShardSampler(len(dataset), world_size, rank) if distributed else None
         collate = collate_val
     return SegmentationLoader(
         dataset,

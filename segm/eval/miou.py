@@ -23,7 +23,7 @@ from segm.cli import Command, apply_token_reduction_options, device_option, fail
 from segm.config import dataset_config
 from segm.data import STATS, create_dataset, create_loader
 from segm.engine import evaluate
-from segm.model.factory import load_model
+from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.utils import distributed
 from segm.visualize import blend, colorize, denormalize
 
@@ -117,11 +117,11 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], env: distribu
     apply_token_reduction_options(model, opts)
     model.to(device).eval()
 
-    crop_size = trained.get("crop_size") or variant["net_kwargs"]["image_size"][0]
+    crop_size = variant_crop_size(variant)
     im_size = opts["im_size"] or ds_cfg.get("im_size", trained.get("image_size"))
     window_size = opts["window_size"] or crop_size
     window_stride = opts["window_stride"] or default_window_stride(dataset_name, crop_size)
-    normalization = trained.get("normalization", variant["net_kwargs"]["normalization"])
+    normalization = variant_normalization(variant)
     dataset = create_dataset(dataset_name, "val", im_size=im_size, normalization=normalization,
                              root=opts["root"], multiscale=opts["multiscale"])
     if dataset.n_cls != model.n_cls:

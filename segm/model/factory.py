@@ -299,3 +299,13 @@ def load_pretrained_encoder(encoder: VisionTransformer, backbone: str, source: b
         weights["pos_embed"] = resize_pos_embed(weights["pos_embed"], None, encoder.patch_embed.grid_size, n_extra)
     check_state_dict(encoder, weights, label)
     encoder.load_state_dict(_to_float32(weights), strict=True)
+
+
+def variant_normalization(variant: Mapping[str, Any]) -> str:
+    """The input normalisation a model was trained with (``vit`` or ``deit``)."""
+    return variant.get("dataset_kwargs", {}).get("normalization") or variant["net_kwargs"]["normalization"]
+
+
+def variant_crop_size(variant: Mapping[str, Any]) -> int:
+    """The training crop size of a model (its position-embedding grid times the patch size)."""
+    return int(variant.get("dataset_kwargs", {}).get("crop_size") or variant["net_kwargs"]["image_size"][0])

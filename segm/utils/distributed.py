@@ -114,3 +114,17 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def replicas_identical(module: torch.nn.Module) -> bool:
+    """Whether every process holds exactly the same parameters (compares per-tensor float64 sums)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in module.parameters()]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums.to(_collective_device()))
+    return all(torch.equal(g.cpu(), sums) for g in gathered)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -1,0 +1,135 @@
+"""FLOP counts (published baselines, a hand count, the attention handle), speedtest / flops / calibrate CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from algm.calibrate import main as calibrate
+from algm.global_merge import best_partners
+from algm.local_merge import window_similarity
+from segm.flops import main as flops_cli
+from segm.measure import flop_analysis
+from segm.model.factory import create_segmenter, net_kwargs_for
+from segm.speedtest import main as speedtest_cli
+from tests.conftest import perturb_, tiny_net_kwargs, write_checkpoint
+
+
+def test_vit_tiny_mask_transformer_512_counts_the_published_12_83_gflops():
+    model = create_segmenter(net_kwargs_for("vit_tiny_patch16_384", "mask_transformer", 150, 512)).eval()
+    with torch.no_grad():
+        total = flop_analysis(model, torch.randn(1, 3, 512, 512)).total() / 1e9
+    assert total == pytest.approx(12.83, abs=0.005)
+
+
+def test_linear_decoder_count_equals_a_hand_count():
+    D, K, N, P, L = 192, 150, 1024, 16, 12
+    T = N + 1
+    layer_norm = T * D * 5
+    block = 2 * layer_norm + T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * 4 * D
+    want = N * D * 3 * P * P + L * block + layer_norm + N * D * K + K * 512 * 512 * 4
+    model = create_segmenter(net_kwargs_for("vit_tiny_patch16_384", "linear", K, 512)).eval()
+    with torch.no_grad():
+        assert flop_analysis(model, torch.randn(1, 3, 512, 512)).total() == want
+
+
+def test_fused_attention_handle_equals_explicit_attention_count():
+    model = create_segmenter(tiny_net_kwargs("mask_transformer", crop=64)).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        fused = flop_analysis(model, x).by_operator()
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+        explicit = flop_analysis(model, x).by_operator()
+    assert fused["scaled_dot_product_attention"] == explicit["matmul"] - fused.get("matmul", 0)
+    assert sum(fused.values()) == sum(explicit.values())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    net = tiny_net_kwargs("mask_transformer", n_cls=16, crop=64)
+    path = write_checkpoint(tmp_path_factory.mktemp("model"), perturb_(create_segmenter(net)), net)
+    return path.parent
+
+
+def test_speedtest_cli_prints_fps_and_json(model_dir):
+    result = CliRunner().invoke(speedtest_cli, ["--model-dir", str(model_dir), "--dataset", "synthetic", "--iters", "2",
+                                                "--warmup", "1", "--repeat", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    fps_line = [line for line in result.stdout.splitlines() if line.startswith("FPS: ")]
+    assert len(fps_line) == 1 and float(fps_line[0].split()[1]) > 0
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["batch"] == 2 and summary["timed_forwards"] == 2 and summary["data"] == "synthetic"
+
+
+def test_speedtest_compare_times_both(model_dir):
+    result = CliRunner().invoke(speedtest_cli, ["--model-dir", str(model_dir), "--iters", "2", "--warmup", "1",
+                                                "--repeat", "2", "--device", "cpu", "--compare", "--threshold", "0.5",
+                                                "--keep-aspect", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary["fps"]) == {"pure", "algm"}
+    assert summary["speedup"] == pytest.approx(summary["fps"]["algm"] / summary["fps"]["pure"], rel=1e-2)
+    assert "speed-up: " in result.stdout
+
+
+def test_flops_cli_prints_gflops_and_algm_counts_fewer(model_dir):
+    args = ["--model-dir", str(model_dir), "--dataset", "synthetic", "--max-images", "2", "--device", "cpu"]
+    pure = CliRunner().invoke(flops_cli, args)
+    algm = CliRunner().invoke(flops_cli, [*args, "--patch-type", "algm", "--threshold", "0.5", "--breakdown"])
+    assert pure.exit_code == 0 and algm.exit_code == 0, pure.output + algm.output
+    value = lambda r: float([l for l in r.stdout.splitlines() if l.startswith("GFlops: ")][0].split()[1])
+    assert 0 < value(algm) < value(pure)
+    assert "| encoder block 5 |" in algm.stdout and "| merging (similarities) |" in algm.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model-dir", "{tmp}"], "no checkpoint.pth in --model-dir"),
+    (["--dataset", "nope", "--root", "{tmp}"], "unknown dataset 'nope'"),
+    (["--backbone", "vit_tiny_patch16_384", "--device", "cuda"], None),
+])
+def test_measurement_errors(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(flops_cli, [*args, "--max-images", "1"])
+    if message is None:
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+        message = "CUDA is not available"
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_calibrate_matches_bruteforce_mean_plus_std(model_dir, tmp_path):
+    out = tmp_path / "tau.yml"
+    result = CliRunner().invoke(calibrate, [str(model_dir / "checkpoint.pth"), "synthetic", "--max-images", "3",
+                                            "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    stats = yaml.safe_load(out.read_text())
+
+    from segm.measure import measurement_loader
+    from segm.model.factory import load_model
+
+    model, _ = load_model(model_dir / "checkpoint.pth")
+    loader, _ = measurement_loader("synthetic", None, "train", 64, "vit", limit=3)
+    values = {i: {"clap": [], "gbm": []} for i in range(12)}
+    with torch.no_grad():
+        for x in loader:
+            h = model.encoder.embed(x)
+            for i, block in enumerate(model.encoder.blocks):
+                after_attention = h + block.attn(block.norm1(h))
+                values[i]["clap"].append(window_similarity(after_attention[:, 1:], (4, 4), (2, 2)).flatten())
+                values[i]["gbm"].append(best_partners(after_attention, 1)[0][:, 1:].flatten())
+                h = block(h)
+    for i in range(12):
+        for kind in ("clap", "gbm"):
+            v = torch.cat(values[i][kind]).double()
+            got = stats["layers"][i + 1][kind]
+            assert got["count"] == v.numel()
+            assert got["threshold"] == pytest.approx((v.mean() + v.std()).item(), abs=1e-9)
+    assert stats["suggested"]["threshold"] == pytest.approx(stats["layers"][1]["clap"]["threshold"], abs=1e-4)
+    assert "suggested: --selected-layers 1 5 --threshold" in result.stdout
