@@ -15,6 +15,7 @@ from segm.utils.distributed import all_reduce_sum
 from segm.utils.progress import progress
 
 IGNORE_INDEX = 255
+LOG_EVERY = 100  # iterations between log lines when no progress bar is shown (batch jobs)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +79,8 @@ def train_one_epoch(
         totals += torch.tensor([loss_value, lr, 1.0], dtype=torch.float64)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        elif show_progress and (iteration + 1) % LOG_EVERY == 0:
+            print(f"epoch {epoch} [{iteration + 1}/{len(loader)}] loss {loss_value:.4f} lr {lr:.3e}", flush=True)
     totals = all_reduce_sum(totals.to(device)).cpu()
     count = max(totals[2].item(), 1.0)
     return {"loss": totals[0].item() / count, "learning_rate": totals[1].item() / count}

@@ -20,7 +20,7 @@ from segm.cli import Command, apply_token_reduction_options, device_option, fail
 from segm.config import dataset_config
 from segm.data import create_dataset, create_loader, per_process_batch_size
 from segm.engine import autocast_context, evaluate, train_one_epoch
-from segm.model.factory import check_state_dict, create_segmenter, net_kwargs_for, read_checkpoint
+from segm.model.factory import check_state_dict, create_segmenter, net_kwargs_for, read_checkpoint, to_float32
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils import distributed
 from segm.utils.checkpoint import rng_states, save_atomic, set_rng_states
@@ -144,6 +144,8 @@ def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] 
 @click.option("--pretrained", type=click.Path(path_type=str), default=None,
               help="Local ImageNet weights (.pth/.safetensors/.npz) for the encoder (default: timm hub weights).")
 @click.option("--no-pretrained", is_flag=True, default=False, help="Random encoder initialisation.")
+@click.option("--finetune", type=click.Path(path_type=Path), default=None,
+              help="Start from the weights of this checkpoint (e.g. a trained pure model), at epoch 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=int, default=4, show_default=True, help="Data-loading processes per GPU.")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of each split (quick checks).")
@@ -188,7 +190,7 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
     checkpoint_path = log_dir / "checkpoint.pth"
     best_path = log_dir / "best_checkpoint.pth"
     resuming = opts["resume"] and checkpoint_path.exists()
-    pretrained = False if opts["no_pretrained"] or resuming else (opts["pretrained"] or True)
+    pretrained = False if opts["no_pretrained"] or resuming or opts["finetune"] else (opts["pretrained"] or True)
     torch.manual_seed(seed)
     model = create_segmenter(variant["net_kwargs"], pretrained=pretrained)
     for name in ("head", "head_dist"):
@@ -207,6 +209,10 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
     autocast = autocast_context(device, opts["amp"], amp_dtype)
 
     start_epoch, best = 0, {"mean_iou": float("-inf"), "epoch": None}
+    if opts["finetune"] and not resuming:
+        load_weights(model, opts["finetune"])
+        if main_process:
+            click.echo(f"Fine-tuning from the weights of {opts['finetune']}")
     torch.manual_seed(seed + env.rank)
     if resuming:
         start_epoch, best = resume(checkpoint_path, best_path, model, optimizer, scheduler, scaler, env, log_dir)
@@ -264,6 +270,16 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
         if main_process:
             click.echo(f"Weights identical on all {env.world_size} processes")
     distributed.barrier()
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy a checkpoint's model weights (strictly matched) into ``model``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--finetune checkpoint not found: {path}")
+    data = read_checkpoint(Path(path))
+    state = data["model"] if "model" in data else data
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(to_float32(state))
 
 
 def gather_rng_states(env: distributed.DistEnv) -> list[Any]:

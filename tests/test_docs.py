@@ -15,9 +15,9 @@ from segm.cli import expand_multi_value_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = ["README.md", "TRAINING.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "jobs").glob("*.sbatch"))]
-COMMAND = re.compile(r"python -m ((?:segm|algm)\.[\w.]+)([^\n`|;&)]*)")
-STANDALONE_VARIABLE = re.compile(r"(?<![\"'=\w])\$\{?\w+(?::-[^}]*)?\}?(?![\"'\w])")
-QUOTED_VARIABLE = re.compile(r"\$\{?\w+(?::-[^}]*)?\}?")
+COMMAND = re.compile(r"-m ((?:segm|algm)\.[\w.]+)([^\n`|;&)]*)")
+FLAG_BUNDLE = re.compile(r"\$\{?(?:REDUCTION|EXTRA)(?::-[^}]*)?\}?")
+VARIABLE = re.compile(r"\$\{?\w+(?::-[^}]*)?\}?")
 
 
 def doc_commands() -> list[tuple[str, str, str]]:
@@ -37,9 +37,10 @@ def command_of(module: str) -> click.Command:
 
 
 def parse(module: str, argument_string: str) -> None:
-    """Parse like the shell would (variables become '1', flag bundles like $REDUCTION are dropped), then click."""
-    args = STANDALONE_VARIABLE.sub(" ", argument_string.split("#")[0])
-    args = QUOTED_VARIABLE.sub("1", args)
+    """Parse like the shell would (variables become '1'; the flag bundles $REDUCTION and $EXTRA, checked
+    separately, are dropped), then let click parse and validate the arguments."""
+    args = FLAG_BUNDLE.sub(" ", argument_string.split("#")[0])
+    args = VARIABLE.sub("1", args)
     cmd = command_of(module)
     with cmd.make_context(module, expand_multi_value_options(shlex.split(args))):
         pass

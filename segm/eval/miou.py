@@ -41,7 +41,7 @@ class ImageSaver:
         self.palette = np.asarray(dataset.palette, dtype=np.uint8)
         self.stats = STATS[normalization]
         self.use_blend = use_blend
-        self.per_city = dataset.name == "cityscapes" if hasattr(dataset, "name") else False
+        self.per_city = dataset.info.name == "cityscapes"
 
     def __call__(self, item: dict[str, Any], pred: torch.Tensor) -> None:
         H, W = item["ori_shape"]
@@ -72,11 +72,14 @@ def write_archive(folder: Path) -> Path:
 
 
 def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> str:
+    """A Markdown table of per-class IoU and accuracy (percent)."""
     width = max([len("class")] + [len(n) for n in names])
-    lines = [f"| {'class':<{width}} | IoU | Acc |", f"|{'-' * (width + 2)}|---|---|"]
-    for name, iou, acc in zip(names, cat_iou, cat_acc):
-        fmt = lambda v: "nan" if math.isnan(v) else f"{100 * v:.2f}"
-        lines.append(f"| {name:<{width}} | {fmt(iou)} | {fmt(acc)} |")
+
+    def fmt(value: float) -> str:
+        return f"{'nan' if math.isnan(value) else f'{100 * value:.2f}':>6}"
+
+    lines = [f"| {'class':<{width}} |    IoU |    Acc |", f"|{'-' * (width + 2)}|-------:|-------:|"]
+    lines += [f"| {name:<{width}} | {fmt(iou)} | {fmt(acc)} |" for name, iou, acc in zip(names, cat_iou, cat_acc)]
     return "\n".join(lines)
 
 

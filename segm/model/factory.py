@@ -173,7 +173,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
             )
 
 
-def _to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to float32 (fp16 checkpoints), others unchanged."""
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
@@ -216,7 +217,7 @@ def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[Segme
         raise ValueError(f"{path} holds no state dict (expected {{'model': state_dict, ...}})")
     state_dict = _strip_prefix(state_dict, "module.")
     check_state_dict(model, state_dict, str(path))
-    model.load_state_dict(_to_float32(state_dict), strict=True)
+    model.load_state_dict(to_float32(state_dict), strict=True)
     model.eval()
     return model, variant
 
@@ -298,7 +299,7 @@ def load_pretrained_encoder(encoder: VisionTransformer, backbone: str, source: b
             raise ValueError(f"{label}: position embedding {tuple(weights['pos_embed'].shape)} does not fit")
         weights["pos_embed"] = resize_pos_embed(weights["pos_embed"], None, encoder.patch_embed.grid_size, n_extra)
     check_state_dict(encoder, weights, label)
-    encoder.load_state_dict(_to_float32(weights), strict=True)
+    encoder.load_state_dict(to_float32(weights), strict=True)
 
 
 def variant_normalization(variant: Mapping[str, Any]) -> str:
