@@ -23,6 +23,8 @@ from segm.measure import flop_analysis, measured_model, measurement_loader
 from segm.model.token_reduction import apply_token_reduction
 from segm.speedtest import measure
 
+from report import emit
+
 BACKBONES = {  # name: (backbone, crop, ALGM layers, published ALGM/pure GFLOPs ratio)
     "ViT-Ti/16": ("vit_tiny_patch16_384", 512, [1, 5], 8.4 / 12.8),
     "ViT-S/16": ("vit_small_patch16_384", 512, [1, 5], 26.3 / 38.6),
@@ -100,11 +102,7 @@ def main(device: str, large: bool, repeat: int | None, warmup: int | None, iters
         *[f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:.2f} | {r[7]:.2f} | {r[8]:.3f} | {r[9]:.3f} |"
           for r in rows],
     ]
-    text = "\n".join(lines)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    click.echo(text)
+    emit("\n".join(lines), out)
 
 
 if __name__ == "__main__":

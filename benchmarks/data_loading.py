@@ -28,6 +28,8 @@ import torchvision
 from segm.data import create_dataset, create_loader
 from segm.data.synthetic import write_layout
 
+from report import emit
+
 TARGET = 25.0
 CROP = 512
 
@@ -117,11 +119,7 @@ def main(images: int, height: int, width: int, workers: int, out: Path | None) -
         root = Path(tmp)
         write_layout(root, "ade20k", {"train": images, "val": max(images // 4, 4)}, height, width)
         rows = measure(root, images, workers)
-    table = render(rows, images, height, width, workers)
-    click.echo(table)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table)
+    emit(render(rows, images, height, width, workers), out)
 
 
 if __name__ == "__main__":

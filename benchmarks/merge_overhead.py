@@ -22,9 +22,11 @@ import torch
 import algm.patch
 from algm.merge import MergeState
 from segm.cli import Command
-from segm.data import STATS, create_dataset
+from segm.data import create_dataset
 from segm.model.factory import create_segmenter, net_kwargs_for
 from segm.model.token_reduction import apply_token_reduction
+
+from report import emit
 
 
 class StageTimer:
@@ -136,11 +138,7 @@ def main(device: str, iters: int, warmup: int, threshold: float, out: Path | Non
         "",
         f"merge share: {share:.2f}%",
     ]
-    text = "\n".join(lines)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    click.echo(text)
+    emit("\n".join(lines), out)
 
 
 if __name__ == "__main__":

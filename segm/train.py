@@ -8,6 +8,7 @@ and keeps a single ``best_checkpoint.pth``; the same command restarted resumes e
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from segm.cli import Command, apply_token_reduction_options, device_option, fail_cleanly, resolve_device, root_option, token_reduction_options
 from segm.config import dataset_config
 from segm.data import create_dataset, create_loader, per_process_batch_size
-from segm.engine import autocast_context, evaluate, train_one_epoch
+from segm.engine import NonFiniteLossError, autocast_context, evaluate, train_one_epoch
 from segm.model.factory import check_state_dict, create_segmenter, net_kwargs_for, read_checkpoint, to_float32
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils import distributed
@@ -159,6 +160,9 @@ def main(**opts: Any) -> None:
     device = distributed.process_device(requested, env)
     try:
         train(opts, env, device)
+    except NonFiniteLossError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(3)
     finally:
         distributed.destroy()
 

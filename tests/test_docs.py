@@ -26,12 +26,17 @@ def doc_commands() -> list[tuple[str, str, str]]:
     for name in DOC_FILES:
         text = (ROOT / name).read_text().replace("\\\n", " ")
         for match in COMMAND.finditer(text):
-            found.append((name, match.group(1), match.group(2)))
+            if match.group(2).strip():  # a bare module name is a reference, not an invocation
+                found.append((name, match.group(1), match.group(2)))
     return found
 
 
 def command_of(module: str) -> click.Command:
-    cmd = getattr(importlib.import_module(module), "main", None)
+    """The click command ``python -m module`` runs (a package runs its ``__main__``)."""
+    imported = importlib.import_module(module)
+    if not hasattr(imported, "main") and hasattr(imported, "__path__"):
+        imported = importlib.import_module(f"{module}.__main__")
+    cmd = getattr(imported, "main", None)
     assert isinstance(cmd, click.Command), f"{module} has no click command 'main'"
     return cmd
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -156,3 +157,14 @@ def test_two_processes_with_gloo_hold_identical_weights_and_evaluate_the_whole_v
     assert "(14 images)" in result.stdout
     log = read_log(run)
     assert len(log) == 1 and log[0]["num_updates"] == 4  # 7 images per process, batches of 2
+
+
+def test_non_finite_loss_ends_the_run_with_one_line_naming_epoch_and_iteration(tmp_path):
+    run = tmp_path / "run"
+    result = run_train(run, "--epochs", "2", "-lr", "1e30", check=False)
+    assert result.returncode == 3
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: loss is (nan|inf) at epoch \d+, iteration \d+; stopping \(checkpoint\.pth still holds the previous epoch\)", last)
+    if (run / "checkpoint.pth").exists():
+        kept = torch.load(run / "checkpoint.pth", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in kept["model"].values())
