@@ -21,9 +21,9 @@ def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float,
 class PolynomialLR(LRScheduler):
     """``lr_t = (base - min_lr) * (1 - t / iter_max) ** power + min_lr``, stepped after every iteration.
 
-    ``t`` counts the steps taken: iteration 1 uses the base lr, iteration k the value for ``t = k - 1``;
-    the lr is left unchanged at ``t = 0``, when ``t`` is not a multiple of ``step_size``, and past
-    ``iter_max``. With ``iter_warmup > 0`` the lr ramps up linearly first (unused by default).
+    ``t`` counts the steps taken: iteration 1 uses the value for ``t = 0`` (the base lr), iteration k the
+    value for ``t = k - 1``; the lr is left unchanged when ``t`` is not a multiple of ``step_size`` and past
+    ``iter_max``. With ``iter_warmup > 0`` the lr first ramps up linearly from 0 (off by default).
     """
 
     def __init__(
@@ -53,6 +53,6 @@ class PolynomialLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         t = self.last_epoch
-        if t == 0 or t % self.step_size != 0 or t > self.iter_max:
+        if t % self.step_size != 0 or t > self.iter_max:
             return [group["lr"] for group in self.optimizer.param_groups]
         return [self._decayed(base) for base in self.base_lrs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
             "min_lr": opts["minlearning_rate"],
             "poly_power": 0.9,
             "poly_step_size": 1,
-            "iter_warmup": 0.0,
+            "iter_warmup": float(opts["warmup_iters"]),
         },
         "net_kwargs": net,
         "amp": opts["amp"],
@@ -136,6 +137,8 @@ def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] 
 @click.option("--epochs", type=int, default=None, help="Epochs (default: dataset's; 0 is honoured).")
 @click.option("-lr", "--learning-rate", type=float, default=None, help="Base learning rate (default: dataset's).")
 @click.option("-min-lr", "--minlearning-rate", type=float, default=1e-5, show_default=True, help="Final learning rate.")
+@click.option("--warmup-iters", type=int, default=0, show_default=True,
+              help="Iterations of linear learning-rate warm-up before the polynomial decay.")
 @click.option("--normalization", type=click.Choice(["vit", "deit"]), default=None, help="Default: the backbone's.")
 @click.option("--eval-freq", type=int, default=None, help="Evaluate every N epochs and at the last (default: dataset's).")
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision.")
@@ -236,6 +239,7 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
     if start_epoch >= num_epochs and main_process:
         click.echo(f"Nothing to do: {checkpoint_path} already holds epoch {start_epoch - 1} of {num_epochs}.")
     for epoch in range(start_epoch, num_epochs):
+        started = time.perf_counter()
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(net, train_loader, optimizer, scheduler, epoch, device, autocast, scaler,
                                 optim_kwargs["clip_grad"], show_progress=main_process)
@@ -267,7 +271,7 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
         if main_process:
             with open(log_dir / "log.txt", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            click.echo(f"Epoch {epoch}: train_loss {record['train_loss']:.4f}")
+            click.echo(f"Epoch {epoch}: train_loss {record['train_loss']:.4f} ({time.perf_counter() - started:.1f} s)")
     if env.distributed:
         if not distributed.replicas_identical(model):
             raise RuntimeError("the processes ended with different weights: the data-parallel run is broken")

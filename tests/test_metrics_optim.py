@@ -118,3 +118,16 @@ def test_save_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_polynomial_lr_warmup_ramps_from_zero():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.01)
+    sched = PolynomialLR(opt, step_size=1, iter_warmup=4, iter_max=10, power=0.9, min_lr=0.0)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = 0.01 * (1 - 4 / 10) ** 0.9
+    assert seen == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak, 0.01 * (1 - 5 / 10) ** 0.9])

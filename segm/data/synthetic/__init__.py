@@ -178,7 +178,7 @@ def render_scene(seed: int, height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZ
         cls = int(rng.integers(1, N_CLASSES))
         style = STYLES[cls]
         box, mask = _shape_mask(rng, height, width, rng.uniform(0.12, 0.32) * min(height, width))
-        colour = (np.array(style.color) + rng.normal(0, 10, 3)).astype(np.float32)
+        colour = (np.array(style.color) + rng.normal(0, 6, 3)).astype(np.float32)
         pixels = colour + 60 * _texture(style, rng, ys[box], xs[box], scale)[..., None]
         image[box][mask] = pixels[mask]
         label[box][mask] = cls
