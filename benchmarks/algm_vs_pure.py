@@ -3,7 +3,8 @@
 Random weights on synthetic scenes do not merge like trained models, so for each backbone the CLAP
 threshold is first searched (bisection on a few images) so that ALGM's GFLOPs reach the published
 ratio to the pure model (Ti 0.66, S 0.68, B 0.70, L 0.65). Then pure and ALGM are timed interleaved on
-the same images with the speedtest protocol (each image repeated ``--repeat`` times per forward).
+the same images with the speedtest protocol (each image repeated ``--repeat`` times per forward), and the
+reported ALGM GFLOPs are the mean over exactly the timed images (pure GFLOPs do not depend on the image).
 ``efficiency = speed-up x FLOPs ratio``: 1.0 means every FLOP saved became time saved.
 
     python benchmarks/algm_vs_pure.py [--device cuda] [--large] [--out benchmarks/results/algm_vs_pure_cpu.md]
@@ -21,7 +22,7 @@ import torch
 
 from segm.measure import flop_analysis, measured_model, measurement_loader
 from segm.model.token_reduction import apply_token_reduction
-from segm.speedtest import measure
+from segm.speedtest import batches, measure
 
 from report import emit
 
@@ -57,7 +58,8 @@ def search_threshold(model, layers: list[int], images: list[torch.Tensor], pure:
 @click.option("--repeat", type=int, default=None, help="Copies per forward (default: 32 on GPU, 4 on CPU).")
 @click.option("--warmup", type=int, default=None, help="Untimed forwards (default: 20 on GPU, 2 on CPU).")
 @click.option("--iters", type=int, default=None, help="Timed forwards per model (default: 100 on GPU, 6 on CPU).")
-@click.option("--search-images", type=int, default=3, show_default=True)
+@click.option("--search-images", type=int, default=3, show_default=True,
+              help="Timed images on which the CLAP threshold is searched.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the table here.")
 def main(device: str, large: bool, repeat: int | None, warmup: int | None, iters: int | None, search_images: int,
          out: Path | None) -> None:
@@ -72,12 +74,12 @@ def main(device: str, large: bool, repeat: int | None, warmup: int | None, iters
         if label == "ViT-L/16" and not large:
             continue
         model, info = measured_model(None, backbone, "mask_transformer", crop, 150)
-        loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=max(search_images, 8))
-        images = [x for x, _ in zip(loader, range(search_images))]
-        pure_gflops = mean_gflops(model, images)
-        threshold = search_threshold(model, layers, images, pure_gflops, target, steps=10)
+        loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters)
+        timed_images = list(batches(loader, warmup + iters))[warmup:]
+        pure_gflops = mean_gflops(model, timed_images[:1])
+        threshold = search_threshold(model, layers, timed_images[:search_images], pure_gflops, target, steps=10)
         apply_token_reduction(model, "algm", layers, (2, 2), threshold)
-        algm_gflops = mean_gflops(model, images)
+        algm_gflops = mean_gflops(model, timed_images)
         model.to(dev)
         variants = {
             "pure": lambda: apply_token_reduction(model, "pure"),

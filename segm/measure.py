@@ -9,6 +9,7 @@ short side instead. Without ``$DATASET`` (or with ``synthetic``) the synthetic s
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,7 +112,9 @@ def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
 
 def flop_analysis(model: nn.Module, x: torch.Tensor):
     """An fvcore ``FlopCountAnalysis`` (1 multiply-add = 1 flop) with the attention handle registered."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore scripts its focal losses at import: torch deprecates jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(model, x)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_handle)
