@@ -22,8 +22,9 @@ class PolynomialLR(LRScheduler):
     """``lr_t = (base - min_lr) * (1 - t / iter_max) ** power + min_lr``, stepped after every iteration.
 
     ``t`` counts the steps taken: iteration 1 uses the value for ``t = 0`` (the base lr), iteration k the
-    value for ``t = k - 1``; the lr is left unchanged when ``t`` is not a multiple of ``step_size`` and past
-    ``iter_max``. With ``iter_warmup > 0`` the lr first ramps up linearly from 0 (off by default).
+    value for ``t = k - 1``; the lr is left unchanged when ``t`` is not a multiple of ``step_size``, past
+    ``iter_max`` and in a run of no iterations. With ``iter_warmup > 0`` the lr first ramps up linearly from 0
+    (off by default).
     """
 
     def __init__(
@@ -36,6 +37,8 @@ class PolynomialLR(LRScheduler):
         min_lr: float = 0.0,
         last_epoch: int = -1,
     ):
+        if 0 < iter_max <= iter_warmup:
+            raise ValueError(f"the warm-up ({int(iter_warmup)} iterations) must be shorter than the run ({int(iter_max)} iterations)")
         self.step_size = step_size
         self.iter_warmup = int(iter_warmup)
         self.iter_max = int(iter_max)
@@ -53,6 +56,6 @@ class PolynomialLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         t = self.last_epoch
-        if t % self.step_size != 0 or t > self.iter_max:
+        if self.iter_max == 0 or t % self.step_size != 0 or t > self.iter_max:
             return [group["lr"] for group in self.optimizer.param_groups]
         return [self._decayed(base) for base in self.base_lrs]

@@ -131,3 +131,15 @@ def test_polynomial_lr_warmup_ramps_from_zero():
         sched.step()
     peak = 0.01 * (1 - 4 / 10) ** 0.9
     assert seen == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak, 0.01 * (1 - 5 / 10) ** 0.9])
+
+
+def test_polynomial_lr_of_a_run_without_iterations_keeps_the_base_lr():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    PolynomialLR(opt, step_size=1, iter_warmup=0, iter_max=0, power=0.9, min_lr=1e-5)
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_polynomial_lr_refuses_a_warmup_as_long_as_the_run():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    with pytest.raises(ValueError, match=r"warm-up \(10 iterations\) must be shorter than the run \(10 iterations\)"):
+        PolynomialLR(opt, step_size=1, iter_warmup=10, iter_max=10, power=0.9)
