@@ -98,6 +98,16 @@ def test_miou_option_errors(checkpoint, args, message):
         assert result.exit_code == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize("frac", ["0.0", "1.5"])
+def test_miou_frac_dataset_outside_0_1_is_refused(checkpoint, frac):
+    path, _ = checkpoint
+    before = sorted(p.name for p in path.parent.rglob("*"))
+    result = CliRunner().invoke(miou, [str(path), "synthetic", "--frac-dataset", frac, "--save-images"])
+    assert result.exit_code == 2
+    assert f"Invalid value for '-frac-dataset' / '--frac-dataset': {frac} is not in the range 0<x<=1." in result.output
+    assert sorted(p.name for p in path.parent.rglob("*")) == before
+
+
 def test_miou_without_variant_or_checkpoint(tmp_path):
     torch.save({"model": {}}, tmp_path / "checkpoint.pth")
     result = run_miou(str(tmp_path / "checkpoint.pth"), "synthetic", "--device", "cpu")

@@ -95,7 +95,8 @@ def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> 
 @click.option("--window-batch-size", type=int, default=4, show_default=True,
               help="Windows per forward; ALGM's merge count is a minimum over each group.")
 @click.option("--save-images/--no-save-images", default=False, show_default=True, help="Write images/ and images.zip beside the model.")
-@click.option("-frac-dataset", "--frac-dataset", type=float, default=1.0, show_default=True, help="Evaluate this fraction of the images.")
+@click.option("-frac-dataset", "--frac-dataset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Evaluate the first ceil(fraction x N) validation images (in 0..1, 0 excluded).")
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @device_option
 @token_reduction_options
@@ -132,7 +133,7 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], env: distribu
     loader = create_loader(dataset, 1, num_workers=opts["num_workers"], distributed=env.distributed,
                            pin_memory=device.type == "cuda")
     n_images = math.ceil(len(dataset) * opts["frac_dataset"])
-    per_process = math.ceil(n_images / env.world_size)
+    per_process = len(range(env.rank, n_images, env.world_size))  # this process's share of the first n_images
 
     model_dir = model_path if model_path.is_dir() else model_path.parent
     saver = None
