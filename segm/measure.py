@@ -85,6 +85,9 @@ def measurement_loader(
 ) -> tuple[DataLoader, str]:
     """Batches of measurement images and the name of the data they come from."""
     name = "synthetic" if use_synthetic(dataset, root) else dataset
+    if dataset not in (None, "synthetic") and name == "synthetic":
+        click.echo(f"note: neither $DATASET nor --root is set, so the images are synthetic scenes, not {dataset}'s "
+                   f"(the model keeps {dataset}'s class count)", err=True)
     if keep_aspect and batch_size > 1:
         raise ValueError("--keep-aspect gives images of different shapes: use --batch-size 1")
     source = create_dataset(name, split, root=root)
@@ -95,8 +98,8 @@ def measurement_loader(
 
 
 def default_n_cls(dataset: str | None, root: str | None) -> int:
-    """Class count of the dataset whose images are measured (150, ADE20K's, for synthetic inputs)."""
-    return 150 if use_synthetic(dataset, root) else dataset_info(dataset).n_cls
+    """Class count of the named dataset (150, ADE20K's, without one or for ``synthetic``)."""
+    return 150 if dataset in (None, "synthetic") else dataset_info(dataset).n_cls
 
 
 def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:

@@ -3,28 +3,43 @@ momentum 0.9) and a polynomial decay stepped once per iteration."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from torch.optim.lr_scheduler import LRScheduler
 
 
-def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """timm's optimizer ``opt`` over the trainable parameters.
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Every parameter of ``model``, frozen ones included, grouped as the reference's optimizer holds them.
 
-    With ``weight_decay > 0`` biases, 1-D parameters and ``model.no_weight_decay()`` get no decay (timm's
-    split); with 0 there is a single group, as in the reference.
+    With ``weight_decay > 0``: ``[no decay, decay]``, where biases, 1-D parameters and the names in
+    ``model.no_weight_decay()`` get no decay; with 0 a single group. Keeping the frozen classification
+    heads makes optimizer states interchangeable with the reference's checkpoints (they get no gradient,
+    so the optimizer never changes them).
     """
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if not weight_decay:
+        return [{"params": list(model.parameters())}]
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """timm's optimizer ``opt`` (``sgd``: Nesterov momentum) over :func:`parameter_groups`."""
+    return create_optimizer_v2(parameter_groups(model, weight_decay), opt=opt, lr=lr, weight_decay=weight_decay,
+                               momentum=momentum)
 
 
 class PolynomialLR(LRScheduler):
     """``lr_t = (base - min_lr) * (1 - t / iter_max) ** power + min_lr``, stepped after every iteration.
 
-    ``t`` counts the steps taken: iteration 1 uses the value for ``t = 0`` (the base lr), iteration k the
-    value for ``t = k - 1``; the lr is left unchanged when ``t`` is not a multiple of ``step_size``, past
-    ``iter_max`` and in a run of no iterations. With ``iter_warmup > 0`` the lr first ramps up linearly from 0
-    (off by default).
+    ``t`` counts the steps taken: iteration k uses the value for ``t = k - 1`` (iteration 1: the base lr);
+    the lr is left unchanged when ``t`` is not a multiple of ``step_size``, past ``iter_max`` and in a run of
+    no iterations. With ``iter_warmup > 0`` the lr first ramps up linearly from ``min_lr`` (off by default).
     """
 
     def __init__(

@@ -161,6 +161,7 @@ def main(**opts: Any) -> None:
     requested = resolve_device(opts.pop("device"))
     env = distributed.init_distributed(requested)
     device = distributed.process_device(requested, env)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed crop sizes: let cuDNN pick its fastest kernels
     try:
         train(opts, env, device)
     except NonFiniteLossError as err:

@@ -14,8 +14,10 @@ from segm.data.transforms import (
     TrainPipeline,
     ValPipeline,
     crop_is_balanced,
+    nearest_indices,
     pixel_stats,
     rescale_size,
+    resize_mask,
 )
 
 
@@ -171,6 +173,24 @@ def test_masks_are_resized_nearest():
         segmentation = pipeline(np.zeros((*label.shape, 3), np.uint8), label, gen(seed))["segmentation"]
         values = set(segmentation.unique().tolist())
         assert values <= {0, 1, 2, 3, 4, 255}
+
+
+def opencv_nearest_index(x: int, src: int, dst: int) -> int:
+    """OpenCV's ``resizeNN``: ``min(cvFloor(x * ifx), src - 1)`` with ``ifx = 1. / ((double)dst / src)``."""
+    return min(int(np.floor(x * (1.0 / (dst / src)))), src - 1)
+
+
+@pytest.mark.parametrize(("src", "dst"), [(2, 82), (1175, 1885), (683, 1366), (512, 341), (7, 3), (100, 100)])
+def test_mask_resize_uses_opencv_nearest_indices(src, dst):
+    assert nearest_indices(src, dst).tolist() == [opencv_nearest_index(x, src, dst) for x in range(dst)]
+
+
+def test_mask_resize_differs_from_float32_rounding_where_opencv_does():
+    assert nearest_indices(2, 82)[41].item() == 1 and nearest_indices(1175, 1885)[377].item() == 234
+    mask = tv_tensors.Mask(torch.arange(6, dtype=torch.uint8).reshape(2, 3))
+    resized = resize_mask(mask, (3, 5))
+    assert isinstance(resized, tv_tensors.Mask)
+    assert resized.tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]
 
 
 def test_tv_tensor_types_drive_the_kernels():

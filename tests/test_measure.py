@@ -89,6 +89,21 @@ def test_flops_cli_prints_gflops_and_algm_counts_fewer(model_dir):
     assert "| encoder block 5 |" in algm.stdout and "| merging (similarities) |" in algm.stdout
 
 
+def test_flops_without_a_dataset_root_says_it_measures_synthetic_images(monkeypatch):
+    monkeypatch.delenv("DATASET", raising=False)
+    args = ["--dataset", "pascal_context", "--backbone", "vit_tiny_patch16_384", "--crop-size", "32",
+            "--max-images", "1", "--device", "cpu"]
+    result = CliRunner().invoke(flops_cli, args)
+    assert result.exit_code == 0, result.output
+    assert ("note: neither $DATASET nor --root is set, so the images are synthetic scenes, not pascal_context's "
+            "(the model keeps pascal_context's class count)") in result.stderr
+    summary = json.loads(result.stdout.splitlines()[-2])
+    model = create_segmenter(net_kwargs_for("vit_tiny_patch16_384", "mask_transformer", 60, 32)).eval()
+    with torch.no_grad():
+        expected = flop_analysis(model, torch.zeros(1, 3, 32, 32)).total() / 1e9
+    assert summary["data"] == "synthetic" and summary["gflops"] == round(expected, 4)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model-dir", "{tmp}"], "no checkpoint.pth in --model-dir"),
     (["--dataset", "nope", "--root", "{tmp}"], "unknown dataset 'nope'"),

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from segm.metrics import confusion_matrix, scores_from_confusion
+from segm.model.factory import create_segmenter
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils.checkpoint import save_atomic
 from segm.utils.distributed import detect_env, first_host, slurm_port
+from tests.conftest import tiny_net_kwargs
 
 
 def brute_scores(preds, gts, n_cls, ignore=255):
@@ -88,6 +90,21 @@ def test_sgd_is_nesterov_and_weight_decay_groups():
     opt = create_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4)
     decays = sorted((g["weight_decay"], len(g["params"])) for g in opt.param_groups)
     assert decays == [(0.0, 3), (1e-4, 1)]
+
+
+def test_optimizer_holds_the_frozen_heads_in_the_reference_groups():
+    model = create_segmenter(tiny_net_kwargs("linear", n_cls=5, crop=32))
+    model.encoder.head.requires_grad_(False)
+    opt = create_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay, decay = ([names[id(p)] for p in g["params"]] for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 1e-4]
+    assert "encoder.head.weight" in decay and "encoder.head.bias" in no_decay
+    expected_no_decay = [n for n, p in model.named_parameters()
+                         if p.ndim <= 1 or n.endswith(".bias") or n in {"encoder.pos_embed", "encoder.cls_token"}]
+    assert no_decay == expected_no_decay
+    assert decay == [n for n, _ in model.named_parameters() if n not in expected_no_decay]
+    assert len(create_optimizer(model, "adamw", lr=0.1, weight_decay=0.0).param_groups[0]["params"]) == len(names)
 
 
 def test_detect_env_torchrun_slurm_and_single():

@@ -5,7 +5,7 @@ Images travel as ``tv_tensors.Image`` (uint8 RGB until normalisation) and label 
 images are resized bilinearly without antialiasing (the closest match to OpenCV's
 ``INTER_LINEAR`` used by mmcv; both use half-pixel centres, torch's uint8 kernel rounds with
 fixed-point weights like OpenCV and differs from it by at most one grey level), masks with
-torch's ``nearest`` (``floor(dst * in / out)``, the same index rule as OpenCV's ``INTER_NEAREST``).
+OpenCV's ``INTER_NEAREST`` index rule computed exactly (:func:`resize_mask`).
 
 Every random step draws from a ``torch.Generator`` passed in by the caller, never from global
 state, so a sample is a pure function of its image, its label and its seed.
@@ -56,6 +56,19 @@ def resize_image(image: tv_tensors.Image, size: tuple[int, int]) -> tv_tensors.I
     return F.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
 
 
+def nearest_indices(src: int, dst: int) -> torch.Tensor:
+    """Source index of every output pixel under OpenCV's ``INTER_NEAREST``: ``floor(x * (1 / (dst / src)))``
+    in float64, clamped to ``src - 1`` (torch's float32 ``src / dst`` rounds differently on exact integers)."""
+    step = 1.0 / (dst / src)
+    return torch.floor(torch.arange(dst, dtype=torch.float64) * step).clamp_(max=src - 1).long()
+
+
+def resize_mask(mask: tv_tensors.Mask, size: tuple[int, int]) -> tv_tensors.Mask:
+    """Nearest-neighbour resize of a label map, pixel for pixel as mmcv's ``imresize(..., "nearest")``."""
+    rows, cols = nearest_indices(mask.shape[-2], size[0]), nearest_indices(mask.shape[-1], size[1])
+    return tv_tensors.wrap(mask[..., rows[:, None], cols[None, :]], like=mask)
+
+
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
     """A draw from U[low, high) in float64."""
     return low + (high - low) * torch.rand((), generator=gen, dtype=torch.float64).item()
@@ -82,7 +95,7 @@ class RandomRescale:
         ratio = _uniform(gen, *self.ratio_range)
         target = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
         size = rescale_size(*image.shape[-2:], target)
-        return resize_image(image, size), F.resize(mask, list(size))
+        return resize_image(image, size), resize_mask(mask, size)
 
 
 def crop_is_balanced(mask: torch.Tensor, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
