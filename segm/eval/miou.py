@@ -22,6 +22,7 @@ from PIL import Image
 from segm.cli import Command, apply_token_reduction_options, device_option, fail_cleanly, resolve_device, root_option, token_reduction_options
 from segm.config import dataset_config
 from segm.data import STATS, create_dataset, create_loader
+from segm.data.loader import ShardSampler
 from segm.engine import evaluate
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.utils import distributed
@@ -133,7 +134,7 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], env: distribu
     loader = create_loader(dataset, 1, num_workers=opts["num_workers"], distributed=env.distributed,
                            pin_memory=device.type == "cuda")
     n_images = math.ceil(len(dataset) * opts["frac_dataset"])
-    per_process = len(range(env.rank, n_images, env.world_size))  # this process's share of the first n_images
+    per_process = len(ShardSampler(n_images, env.world_size, env.rank))  # this process's share of the first n_images
 
     model_dir = model_path if model_path.is_dir() else model_path.parent
     saver = None
