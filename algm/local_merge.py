@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from algm.merge import MergeState
+from tokred.errors import UsageError
+from tokred.state import MergeState
 
 
 def window_ids(grid: tuple[int, int], window: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -56,7 +57,7 @@ def clap_destinations(
     gh, gw = grid
     wh, ww = window
     if gh < wh or gw < ww:
-        raise ValueError(f"merging window {wh}x{ww} is larger than the {gh}x{gw} patch grid")
+        raise UsageError(f"merging window {wh}x{ww} is larger than the {gh}x{gw} patch grid")
     with torch.no_grad():
         scores = window_similarity(x[:, n_prefix:], grid, window)
         r = int((scores >= threshold).sum(dim=1).min())
@@ -80,7 +81,7 @@ def conditional_pooling(
     x: torch.Tensor, state: MergeState, window: tuple[int, int], threshold: float
 ) -> torch.Tensor:
     """Apply CLAP to ``x`` and ``state``; it must be the first merge step of the forward pass."""
-    if state.num_tokens != state.n_prefix + state.grid[0] * state.grid[1]:
+    if not state.is_raster:
         raise ValueError("CLAP must run before any other merge step (its input is the raster-ordered grid)")
     dest, n_out, _ = clap_destinations(x, state.n_prefix, state.grid, window, threshold)
     return state.merge(x, dest, n_out)

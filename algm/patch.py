@@ -1,23 +1,34 @@
-"""Apply ALGM to a Segmenter (or its ViT encoder) by turning selected timm ``Block``s into ``TurboBlock``s.
+"""ALGM as a patch type: selected timm ``Block``s become ``TurboBlock``s that merge between attention and MLP.
 
-The patch adds no parameters (checkpoints load before or after patching), is idempotent and can be
-undone with ``unpatch``. Selected layers count from 1: the first runs CLAP, every later one GBM.
+The first selected layer (counted from 1) runs CLAP, every later one GBM. The patch adds no parameters
+(checkpoints load before or after patching), replaces any earlier patch and is undone by ``unpatch``.
+ALGM's defaults (window, threshold, published layers) are stated here once.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Real
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 from algm.global_merge import global_merge
 from algm.local_merge import conditional_pooling
-from algm.merge import MergeOptions, MergeState, MergingBlock
+from tokred.attention import AttentionOutput
+from tokred.blocks import MidBlock, swap_block
+from tokred.errors import UsageError
+from tokred.options import Option, block_numbers, boolean, check_depth, is_int, real
+from tokred.reducer import TokenReducer, install, uninstall
+from tokred.state import MergeState
+
+DEFAULT_WINDOW = (2, 2)
+DEFAULT_THRESHOLD = 0.88
+
+
+def default_selected_layers(depth: int) -> list[int]:
+    """ALGM's published layers: 1 and 5 for 12-block encoders (Ti/S/B), 1 and 7 for 24-block ones (L)."""
+    return [1, 7] if depth >= 24 else [1, 5]
 
 
 @dataclass(frozen=True)
@@ -30,76 +41,76 @@ class MergeSpec:
     threshold: float
 
 
-class TurboBlock(Block, MergingBlock):
+class TurboBlock(MidBlock):
     """A timm ``Block`` that merges tokens between attention and MLP (as ALGM does)."""
 
-    merge_spec: MergeSpec
+    spec: MergeSpec
 
-    def forward(self, x: torch.Tensor, state: MergeState) -> tuple[torch.Tensor, MergeState]:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=state.attn_bias(x.dtype))))
-        spec = self.merge_spec
+    def reduce(self, x: torch.Tensor, attn: AttentionOutput, state: MergeState) -> torch.Tensor:
+        spec = self.spec
         if spec.kind == "clap":
-            x = conditional_pooling(x, state, spec.window_size, spec.threshold)
-        else:
-            x = global_merge(x, state, spec.layer_idx)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, state
+            return conditional_pooling(x, state, spec.window_size, spec.threshold)
+        return global_merge(x, state, spec.layer_idx)
 
 
-def _encoder_of(model: nn.Module) -> nn.Module:
-    encoder = getattr(model, "encoder", model)
-    blocks = getattr(encoder, "blocks", None)
-    if (
-        blocks is None
-        or not hasattr(encoder, "merge_options")
-        or not hasattr(encoder, "patch_embed")
-        or not all(isinstance(b, Block) for b in blocks)
-    ):
-        raise TypeError(
-            f"ALGM patches a Segmenter or its VisionTransformer encoder built from timm Blocks, "
-            f"not {type(model).__name__}"
-        )
-    return encoder
-
-
-def _check_layers(selected_layers: Sequence[int], depth: int) -> list[int]:
-    layers = list(selected_layers) if isinstance(selected_layers, (list, tuple)) else None
-    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ValueError(f"selected_layers must be a non-empty list of block numbers in 1..{depth}, got {selected_layers!r}")
-    if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"selected_layers must be strictly increasing, got {layers}")
-    if layers[0] < 1 or layers[-1] > depth:
-        raise ValueError(f"selected_layers {layers} out of range: blocks are numbered 1..{depth}")
-    return layers
-
-
-def _check_window(window_size: Sequence[int], grid: tuple[int, int]) -> tuple[int, int]:
-    ok = (
-        isinstance(window_size, (list, tuple))
-        and len(window_size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in window_size)
-    )
+def check_window(value: Any) -> tuple[int, int]:
+    """CLAP's window: two positive ints (height, width) holding at least two tokens."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)
     if not ok:
-        raise ValueError(f"window_size must be two positive ints (height, width), got {window_size!r}")
-    wh, ww = window_size
+        raise UsageError(f"window_size must be two positive ints (height, width), got {value!r}")
+    wh, ww = value
     if wh * ww < 2:
-        raise ValueError(f"window_size {wh}x{ww} holds a single token; use at least 2 tokens, e.g. (2, 2)")
-    if wh > grid[0] or ww > grid[1]:
-        raise ValueError(f"window_size {wh}x{ww} is larger than the {grid[0]}x{grid[1]} patch grid")
-    return (wh, ww)
+        raise UsageError(f"window_size {wh}x{ww} holds a single token; use at least 2 tokens, e.g. (2, 2)")
+    return (int(wh), int(ww))
 
 
-def _check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number (cosine similarity, e.g. 0.88), got {threshold!r}")
-    return float(threshold)
+class ALGM(TokenReducer):
+    """ALGM: CLAP in the first selected block, GBM with the adaptive threshold in the later ones."""
+
+    name = "algm"
+    summary = "ALGM: local (CLAP) then global (GBM) merging at selected blocks (Norouzi et al., CVPR 2024)"
+    options = (
+        Option("selected_layers", None,
+               "Blocks (from 1) where tokens are merged, e.g. --selected-layers 1 5; the first runs CLAP, the "
+               "others GBM. Default: 1 5 (1 7 for 24-block encoders).",
+               block_numbers("selected_layers", allow_none=True), value_type=int, nargs="+",
+               flag="--selected-layers"),
+        Option("window_size", DEFAULT_WINDOW, "CLAP window (height width) in patches.", check_window,
+               value_type=int, nargs=2, flag="--merging-window-size", from_cli=tuple),
+        Option("threshold", DEFAULT_THRESHOLD, "CLAP cosine-similarity threshold, in [-1, 1].",
+               real("threshold", -1.0, 1.0), value_type=float, flag="--threshold"),
+        Option("prop_attn", False, "Proportional attention (off in the published ALGM).",
+               boolean("prop_attn"), value_type=bool),
+    )
+
+    def prepare(self, encoder: nn.Module) -> None:
+        depth = len(encoder.blocks)
+        layers = self.config["selected_layers"] or default_selected_layers(depth)
+        check_depth("selected_layers", layers, depth)
+        grid = tuple(encoder.patch_embed.grid_size)
+        wh, ww = self.config["window_size"]
+        if wh > grid[0] or ww > grid[1]:
+            raise UsageError(f"window_size {wh}x{ww} is larger than the {grid[0]}x{grid[1]} patch grid")
+        if encoder.num_prefix_tokens not in (1, 2):
+            raise UsageError(
+                f"ALGM supports a class token and an optional distillation token, not "
+                f"{encoder.num_prefix_tokens} prefix tokens"
+            )
+        self.config["selected_layers"] = list(layers)
+
+    def apply(self, encoder: nn.Module) -> None:
+        layers = self.config["selected_layers"]
+        for number in layers:
+            kind = "clap" if number == layers[0] else "gbm"
+            spec = MergeSpec(kind, number, self.config["window_size"], self.config["threshold"])
+            swap_block(encoder.blocks[number - 1], TurboBlock, spec)
 
 
 def algm_segmenter_patch(
     model: nn.Module,
     selected_layers: Sequence[int],
-    window_size: Sequence[int] = (2, 2),
-    threshold: float = 0.88,
+    window_size: Sequence[int] = DEFAULT_WINDOW,
+    threshold: float = DEFAULT_THRESHOLD,
     trace_source: bool = False,
     prop_attn: bool = False,
 ) -> nn.Module:
@@ -109,33 +120,19 @@ def algm_segmenter_patch(
     CLAP's; GBM's is adaptive. ``trace_source`` keeps every step's patch->token index map in the merge
     state (for visualisation); ``prop_attn`` adds ``log(size)`` to the attention logits (off, as published).
     """
-    encoder = _encoder_of(model)
-    unpatch(model)
-    layers = _check_layers(selected_layers, len(encoder.blocks))
-    window = _check_window(window_size, tuple(encoder.patch_embed.grid_size))
-    threshold = _check_threshold(threshold)
-    if encoder.num_prefix_tokens not in (1, 2):
-        raise ValueError(f"ALGM supports a class token and an optional distillation token, not {encoder.num_prefix_tokens} prefix tokens")
-    for number in layers:
-        block = encoder.blocks[number - 1]
-        block.__class__ = TurboBlock
-        kind = "clap" if number == layers[0] else "gbm"
-        block.merge_spec = MergeSpec(kind, number, window, threshold)
-    encoder.merge_options = MergeOptions(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
+    reducer = ALGM(selected_layers=selected_layers, window_size=window_size, threshold=threshold,
+                   prop_attn=prop_attn)
+    install(model, reducer, trace_source=trace_source)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore plain timm ``Block``s and the unmerged encoder; a no-op on an unpatched model."""
-    encoder = _encoder_of(model)
-    for block in encoder.blocks:
-        if isinstance(block, TurboBlock):
-            block.__class__ = Block
-            del block.merge_spec
-    encoder.merge_options = None
+    """Restore plain timm ``Block``s and the unreduced encoder; a no-op on an unpatched model."""
+    uninstall(model)
     return model
 
 
 def patched_layers(model: nn.Module) -> list[MergeSpec]:
     """The merge steps of a patched model, in block order (empty when unpatched)."""
-    return [b.merge_spec for b in _encoder_of(model).blocks if isinstance(b, TurboBlock)]
+    encoder = ALGM.target(model)
+    return [b.spec for b in encoder.blocks if isinstance(b, TurboBlock)]

@@ -1,49 +1,95 @@
-"""Click options shared by every command (declared once here) and the command class that parses them.
+"""Click options shared by every command (declared once here), the token-reduction options generated from
+the registry of patch types, and the command class that parses them.
 
-``--selected-layers`` takes one or more integers (``--selected-layers 1 5``), as the reference's
-commands do; ``Command`` rewrites such runs into repeated options before click parses them.
+Every option of every patch type becomes a flag, ``--<patch-type>-<option>`` (``--tome-r 8``,
+``--tome-prop-attn/--no-tome-prop-attn``) unless the method names its own (ALGM keeps the reference's
+``--selected-layers``, ``--merging-window-size`` and ``--threshold``). Options that take several values
+accept them after one flag (``--selected-layers 1 5``, ``--tome-r 16 -1.0``): ``Command`` rewrites such
+runs into repeated options before click parses them. A flag of a method other than the selected one
+is an error. Without ``--patch-type``, a command on a checkpoint uses the patch type and settings that
+its ``variant.yml`` records.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import click
 
-from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction
+from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, variant_token_reduction
+from tokred.errors import UsageError
+from tokred.options import Option
 
-MULTI_VALUE_OPTIONS = ("--selected-layers",)
-
-
-def _is_int(token: str) -> bool:
-    try:
-        int(token)
-    except ValueError:
-        return False
-    return True
+NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def expand_multi_value_options(args: Sequence[str], names: Sequence[str] = MULTI_VALUE_OPTIONS) -> list[str]:
-    """``--opt 1 5 7`` -> ``--opt 1 --opt 5 --opt 7`` for the given option names."""
+@dataclass(frozen=True)
+class ReductionFlag:
+    """One command-line flag of a patch-type option: its method, option, flag text and click parameter name."""
+
+    patch_type: str
+    option: Option
+
+    @property
+    def flag(self) -> str:
+        return self.option.flag or f"--{self.patch_type}-{self.option.name}".replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    def click_option(self) -> Callable:
+        """The click decorator of this flag; its value is ``None`` (or empty) when not given."""
+        option = self.option
+        default = option.default if not isinstance(option.default, (list, tuple)) else " ".join(map(str, option.default))
+        text = f"[{self.patch_type}] {option.help}" + ("" if option.default is None else f" (default: {default})")
+        if option.value_type is bool:
+            return click.option(f"{self.flag}/--no-{self.flag[2:]}", self.dest, default=None, help=text)
+        kind = click.Choice(option.choices) if option.choices else option.value_type
+        if option.nargs == "+":
+            return click.option(self.flag, self.dest, type=kind, multiple=True, help=text)
+        return click.option(self.flag, self.dest, type=kind, nargs=option.nargs, default=None, help=text)
+
+
+def reduction_flags(patch_types: Iterable[str] | None = None) -> list[ReductionFlag]:
+    """The flags of every option of the given patch types (default: all registered)."""
+    names = list(PATCH_TYPES) if patch_types is None else list(patch_types)
+    return [ReductionFlag(name, option) for name in names for option in PATCH_TYPES[name].options]
+
+
+def multi_value_flags() -> tuple[str, ...]:
+    """Flags that take one or more values after a single flag."""
+    return tuple(f.flag for f in reduction_flags() if f.option.nargs == "+")
+
+
+def expand_multi_value_options(args: Sequence[str], names: Sequence[str] | None = None) -> list[str]:
+    """``--opt 1 5 7`` -> ``--opt=1 --opt=5 --opt=7`` for the given flags (default: every multi-value flag).
+
+    Numbers following such a flag (negative ones included) are its values.
+    """
+    names = multi_value_flags() if names is None else names
     out: list[str] = []
     i = 0
     while i < len(args):
         token = args[i]
-        out.append(token)
         i += 1
         if token in names and i < len(args):
-            out.append(args[i])
+            out.append(f"{token}={args[i]}")
             i += 1
-            while i < len(args) and _is_int(args[i]):
-                out.extend([token, args[i]])
+            while i < len(args) and NUMBER.match(args[i]):
+                out.append(f"{token}={args[i]}")
                 i += 1
+        else:
+            out.append(token)
     return out
 
 
 class Command(click.Command):
-    """A click command accepting several values after ``--selected-layers``."""
+    """A click command accepting several values after a multi-value flag (``--selected-layers 1 5``)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, expand_multi_value_options(args))
@@ -60,43 +106,103 @@ def compose(*decorators: Callable) -> Callable:
     return wrap
 
 
-algm_options = compose(
-    click.option("--selected-layers", type=int, multiple=True,
-                 help="Blocks (from 1) where tokens are merged, e.g. --selected-layers 1 5; the first runs "
-                      "CLAP, the others GBM. Default: 1 5 (1 7 for 24-block encoders)."),
-    click.option("--merging-window-size", type=int, nargs=2, default=(2, 2), show_default=True,
-                 help="CLAP window (height width) in patches."),
-    click.option("--threshold", type=float, default=0.88, show_default=True,
-                 help="CLAP cosine-similarity threshold."),
-)
+def method_options(patch_type: str, names: Sequence[str] | None = None) -> Callable:
+    """The click options of one patch type (all, or those named), e.g. ALGM's for a tool that reads them."""
+    flags = [f for f in reduction_flags([patch_type]) if names is None or f.option.name in names]
+    return compose(*(f.click_option() for f in flags))
+
+
+def patch_type_help() -> str:
+    return "Token reduction applied to the encoder: " + "; ".join(
+        f"{name}: {cls.summary}" for name, cls in PATCH_TYPES.items()
+    ) + ". Default: the one variant.yml records, else pure."
+
 
 token_reduction_options = compose(
-    click.option("--patch-type", type=click.Choice(PATCH_TYPES), default="pure", show_default=True,
-                 help="Token reduction applied to the encoder."),
-    algm_options,
+    click.option("--patch-type", type=click.Choice(list(PATCH_TYPES)), default=None, help=patch_type_help()),
+    *(f.click_option() for f in reduction_flags()),
 )
 
 
-def apply_token_reduction_options(model: Any, options: dict[str, Any], trace_source: bool = False) -> list[int] | None:
-    """Patch ``model`` from the values of ``token_reduction_options``; returns the selected layers used."""
-    return apply_token_reduction(
-        model,
-        options["patch_type"],
-        selected_layers=options["selected_layers"] or None,
-        window_size=options["merging_window_size"],
-        threshold=options["threshold"],
-        trace_source=trace_source,
-    )
+@dataclass
+class ReductionRequest:
+    """What a command line asked of token reduction: ``--patch-type`` (or None) and the method flags given."""
+
+    patch_type: str | None
+    given: dict[str, dict[str, Any]]
+    flags: dict[str, list[str]]
+
+    def settings_for(self, patch_type: str, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Options of ``patch_type``: ``base`` (e.g. a variant's settings) updated with the flags given."""
+        return {**(base or {}), **self.given.get(patch_type, {})}
+
+    def refuse_flags_outside(self, patch_types: Sequence[str], reason: str) -> None:
+        """A ``UsageError`` naming every given flag that belongs to none of ``patch_types``."""
+        stray = [(name, flag) for name, flags in self.flags.items() if name not in patch_types for flag in flags]
+        if stray:
+            listed = ", ".join(f"{flag} (an option of --patch-type {name})" for name, flag in stray)
+            raise UsageError(f"{listed} given, but {reason}")
+
+
+def reduction_request(opts: dict[str, Any]) -> ReductionRequest:
+    """Take ``--patch-type`` and every generated flag out of a command's ``opts`` (in place)."""
+    request = ReductionRequest(opts.pop("patch_type", None), {}, {})
+    for flag in reduction_flags():
+        value = opts.pop(flag.dest, None)
+        if value is None or value == ():
+            continue
+        request.given.setdefault(flag.patch_type, {})[flag.option.name] = flag.option.cli_value(value)
+        request.flags.setdefault(flag.patch_type, []).append(flag.flag)
+    return request
+
+
+def format_settings(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "no options"
+
+
+def resolve_reduction(
+    request: ReductionRequest, variant: Mapping[str, Any] | None = None, fallback: str = "pure"
+) -> tuple[str, dict[str, Any], bool]:
+    """``(patch type, options, from_variant)``: ``--patch-type`` if given, else the variant's, else ``fallback``.
+
+    With the variant's patch type, its recorded settings are the base that given flags override.
+    """
+    recorded = variant_token_reduction(variant) if variant is not None else None
+    if request.patch_type is not None:
+        patch_type, base, from_variant = request.patch_type, {}, False
+    elif recorded is not None:
+        patch_type, base, from_variant = recorded[0], recorded[1], True
+    else:
+        patch_type, base, from_variant = fallback, {}, False
+    source = "variant.yml records" if from_variant else "is"
+    request.refuse_flags_outside([patch_type], f"the patch type {source} {patch_type}")
+    return patch_type, request.settings_for(patch_type, base), from_variant
+
+
+def apply_requested_reduction(
+    model: Any, request: ReductionRequest, variant: Mapping[str, Any] | None = None,
+    trace_source: bool = False, announce: bool = True,
+) -> tuple[str, dict[str, Any]]:
+    """Resolve and apply the token reduction a command asked for; returns the patch type and its settings.
+
+    When the settings come from ``variant.yml``, one line on stderr says which are used.
+    """
+    patch_type, options, from_variant = resolve_reduction(request, variant)
+    settings = apply_token_reduction(model, patch_type, trace_source=trace_source, **options)
+    if from_variant and announce:
+        click.echo(f"note: using the patch type recorded in variant.yml: {patch_type} ({format_settings(settings)}); "
+                   "--patch-type chooses another", err=True)
+    return patch_type, settings
 
 
 def fail_cleanly(func: Callable) -> Callable:
-    """Turn errors a user can cause (bad paths, names, shapes) into one ``error:`` line and exit status 2."""
+    """Turn errors a user can cause (bad paths, options, checkpoints) into one ``error:`` line and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (FileNotFoundError, ValueError, ConnectionError) as err:
+        except (UsageError, FileNotFoundError, ConnectionError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
 
@@ -109,9 +215,12 @@ def resolve_device(name: str | None) -> "torch.device":
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
+        raise UsageError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
     return device
 
 

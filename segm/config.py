@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from tokred.errors import UsageError
+
 CONFIG_PATH = Path(__file__).with_name("config.yml")
 
 
@@ -28,7 +30,7 @@ def _section_entry(section: str, name: str, what: str) -> dict[str, Any]:
     entries = _read_config()[section]
     if name not in entries:
         known = ", ".join(sorted(entries))
-        raise ValueError(f"unknown {what} '{name}'; known {what}s: {known}")
+        raise UsageError(f"unknown {what} '{name}'; known {what}s: {known}")
     return copy.deepcopy(entries[name])
 
 
@@ -56,7 +58,7 @@ def dataset_dir() -> Path:
     """The root of all datasets, ``$DATASET``; raises a clear error when it is not set."""
     root = os.environ.get("DATASET")
     if not root:
-        raise ValueError(
+        raise UsageError(
             "the environment variable DATASET is not set: point it at the folder that holds "
             "ade20k/, cityscapes/, pcontext/ or coco_stuff164k/ (the 'synthetic' dataset needs nothing)"
         )

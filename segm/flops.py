@@ -3,7 +3,8 @@
 fvcore's ``FlopCountAnalysis`` (1 multiply-add = 1 flop; matmul, linear, convolution, norms and bilinear
 upsampling counted; softmax, GELU, additions, gathers and sorts not) on every validation image squashed
 to the crop, averaged over the images, per image even with ``--batch-size`` > 1 (the reference reported
-per batch). Fused attention is counted as its two matrix products. Prints ``GFlops: <value>``.
+per batch). Fused attention is counted as its two matrix products, at the lengths each patch type
+actually uses. Prints ``GFlops: <value>``.
 """
 
 from __future__ import annotations
@@ -17,41 +18,57 @@ import click
 import torch
 import torch.nn as nn
 
-from segm.cli import Command, apply_token_reduction_options, fail_cleanly, resolve_device, token_reduction_options
+from segm.cli import (
+    Command,
+    apply_requested_reduction,
+    fail_cleanly,
+    reduction_request,
+    resolve_device,
+    token_reduction_options,
+)
 from segm.utils.progress import progress
 from segm.measure import default_n_cls, flop_analysis, measured_model, measurement_loader, measurement_options
 
 
 def breakdown(analysis, n_blocks: int) -> dict[str, float]:
-    """FLOPs per stage. Inside encoder blocks attention is fused, so their ``matmul`` ops are ALGM's
-    similarity products: they are reported as merging. The remainder is upsampling (and pos-embed resizing)."""
+    """FLOPs per stage. Attention runs fused, so the ``matmul`` ops inside encoder blocks are the products a
+    patch type adds (similarities, scores, hashes): they are reported as token reduction. The remainder
+    is upsampling (and pos-embed resizing)."""
     modules = analysis.by_module()
     operators = analysis.by_module_and_operator()
     rows = {"patch embed": modules.get("encoder.patch_embed", 0)}
-    merging = 0
+    reduction = 0
     for i in range(n_blocks):
         name = f"encoder.blocks.{i}"
-        merge = operators.get(name, {}).get("matmul", 0)
-        merging += merge
-        rows[f"encoder block {i + 1}"] = modules.get(name, 0) - merge
+        extra = operators.get(name, {}).get("matmul", 0)
+        reduction += extra
+        rows[f"encoder block {i + 1}"] = modules.get(name, 0) - extra
     rows["encoder norm"] = modules.get("encoder.norm", 0)
     rows["decoder"] = modules.get("decoder", 0)
-    rows["merging (similarities)"] = merging
+    rows["token reduction (similarities, scores)"] = reduction
     rows["upsampling and the rest"] = analysis.total() - sum(rows.values())
     return rows
 
 
-def block_tokens(model: nn.Module, x: torch.Tensor) -> list[int]:
-    """Number of tokens entering each encoder block for input ``x``."""
-    counts: list[int] = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: counts.append(args[0].shape[1])) for b in model.encoder.blocks]
+def block_tokens(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Tokens entering each encoder block, its attention projections and its MLP, for input ``x``."""
+    counts: dict[tuple[int, str], int] = {}
+
+    def count(i: int, part: str):
+        return lambda module, args: counts.__setitem__((i, part), args[0].shape[1])
+
+    hooks = []
+    for i, block in enumerate(model.encoder.blocks):
+        hooks += [block.register_forward_pre_hook(count(i, "block")),
+                  block.attn.qkv.register_forward_pre_hook(count(i, "attn")),
+                  block.mlp.register_forward_pre_hook(count(i, "mlp"))]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
-    return counts
+    return [(counts[(i, "block")], counts[(i, "attn")], counts[(i, "mlp")]) for i in range(len(model.encoder.blocks))]
 
 
 @click.command(cls=Command)
@@ -62,14 +79,15 @@ def block_tokens(model: nn.Module, x: torch.Tensor) -> list[int]:
 @token_reduction_options
 @fail_cleanly
 def main(**opts: Any) -> None:
-    """Count GFLOPs per image of a Segmenter (optionally with ALGM), averaged over the validation images.
+    """Count GFLOPs per image of a Segmenter (with any patch type), averaged over the validation images.
 
     With --batch-size > 1 the count is still per image (the published script reported per batch).
     """
+    request = reduction_request(opts)
     device = resolve_device(opts["device"])
     model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
                                  default_n_cls(opts["dataset"], opts["root"]))
-    apply_token_reduction_options(model, opts)
+    patch_type, settings = apply_requested_reduction(model, request, info["variant"])
     model.to(device)
     loader, data_name = measurement_loader(opts["dataset"], opts["root"], "val", info["crop_size"], info["normalization"],
                                            opts["batch_size"], opts["keep_aspect"], opts["max_images"])
@@ -87,15 +105,16 @@ def main(**opts: Any) -> None:
                 tokens.append(block_tokens(model, x))
     gflops = statistics.mean(per_image)
     if opts["show_breakdown"]:
-        mean_tokens = [statistics.mean(col) for col in zip(*tokens)]
-        click.echo("| stage | tokens | GFLOPs |")
+        mean_tokens = [[statistics.mean(v) for v in zip(*per_block)] for per_block in zip(*tokens)]
+        click.echo("| stage | tokens (block / attention / MLP) | GFLOPs |")
         click.echo("|---|---|---|")
         for stage, values in stages.items():
-            n = mean_tokens[int(stage.split()[-1]) - 1] if stage.startswith("encoder block") else ""
-            n = f"{n:.1f}" if n != "" else ""
+            n = ""
+            if stage.startswith("encoder block"):
+                n = " / ".join(f"{c:.1f}" for c in mean_tokens[int(stage.split()[-1]) - 1])
             click.echo(f"| {stage} | {n} | {statistics.mean(values):.4f} |")
     click.echo(json.dumps({"model": info["source"], "data": data_name, "images": len(per_image) * opts["batch_size"],
-                           "patch_type": opts["patch_type"], "gflops": round(gflops, 4)}))
+                           "patch_type": patch_type, "settings": settings, "gflops": round(gflops, 4)}))
     click.echo(f"GFlops: {gflops:.4f}")
 
 

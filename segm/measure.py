@@ -1,4 +1,4 @@
-"""What ``segm.speedtest``, ``segm.flops`` and ``algm.calibrate`` share: the model (from a checkpoint folder
+"""What ``segm.speedtest``, ``segm.flops`` and ``segm.calibrate`` share: the model (from a checkpoint folder
 or from a backbone with random weights), the measurement images and the FLOP counter.
 
 Images follow the published protocol: validation images squashed to ``crop x crop`` (PIL bilinear, as
@@ -23,14 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 from segm.cli import compose, device_option, root_option
 from segm.data import STATS, create_dataset, dataset_info
 from segm.model.factory import create_segmenter, load_model, net_kwargs_for, variant_crop_size, variant_normalization
+from tokred.errors import UsageError
 
 
 def measured_model(
     model_dir: Path | None, backbone: str | None, decoder: str, crop_size: int | None, n_cls: int
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to measure, in eval mode, and its ``crop_size`` / ``normalization``.
+    """The model to measure, in eval mode, and its ``crop_size`` / ``normalization`` / ``variant``.
 
-    From ``model_dir/checkpoint.pth`` when a folder is given, else a randomly initialised ``backbone``.
+    From ``model_dir/checkpoint.pth`` when a folder is given, else a randomly initialised ``backbone``
+    (whose ``variant`` is ``None``).
     """
     if model_dir is not None:
         path = Path(model_dir) / "checkpoint.pth"
@@ -38,14 +40,15 @@ def measured_model(
             raise FileNotFoundError(f"no checkpoint.pth in --model-dir {model_dir} (looked for {path})")
         model, variant = load_model(path)
         return model, {"crop_size": variant_crop_size(variant), "normalization": variant_normalization(variant),
-                       "source": str(path)}
+                       "source": str(path), "variant": variant}
     if backbone is None:
-        raise ValueError("give --model-dir (a trained model) or --backbone (random weights)")
+        raise UsageError("give --model-dir (a trained model) or --backbone (random weights)")
     crop = crop_size or 512
     net = net_kwargs_for(backbone, decoder, n_cls=n_cls, crop_size=crop)
     torch.manual_seed(0)
     model = create_segmenter(net).eval()
-    return model, {"crop_size": crop, "normalization": net["normalization"], "source": f"{backbone} (random weights)"}
+    return model, {"crop_size": crop, "normalization": net["normalization"], "source": f"{backbone} (random weights)",
+                   "variant": None}
 
 
 def use_synthetic(dataset: str | None, root: str | None) -> bool:
@@ -89,11 +92,11 @@ def measurement_loader(
         click.echo(f"note: neither $DATASET nor --root is set, so the images are synthetic scenes, not {dataset}'s "
                    f"(the model keeps {dataset}'s class count)", err=True)
     if keep_aspect and batch_size > 1:
-        raise ValueError("--keep-aspect gives images of different shapes: use --batch-size 1")
+        raise UsageError("--keep-aspect gives images of different shapes: use --batch-size 1")
     source = create_dataset(name, split, root=root)
     images = MeasurementImages(source, size, normalization, keep_aspect, limit)
     if len(images) == 0:
-        raise ValueError(f"the {split} split of {name} holds no images")
+        raise UsageError(f"the {split} split of {name} holds no images")
     return DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0), name
 
 

@@ -10,6 +10,8 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from torch.optim.lr_scheduler import LRScheduler
 
+from tokred.errors import UsageError
+
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Every parameter of ``model``, frozen ones included, grouped as the reference's optimizer holds them.
@@ -53,7 +55,7 @@ class PolynomialLR(LRScheduler):
         last_epoch: int = -1,
     ):
         if 0 < iter_max <= iter_warmup:
-            raise ValueError(f"the warm-up ({int(iter_warmup)} iterations) must be shorter than the run ({int(iter_max)} iterations)")
+            raise UsageError(f"the warm-up ({int(iter_warmup)} iterations) must be shorter than the run ({int(iter_max)} iterations)")
         self.step_size = step_size
         self.iter_warmup = int(iter_warmup)
         self.iter_max = int(iter_max)

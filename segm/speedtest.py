@@ -2,12 +2,13 @@
 
 Every loader batch is repeated ``--repeat`` (32) times, the first ``--warmup`` (50) forwards are not timed,
 every later forward is timed between device synchronisations, and ``im/s = repeat * batch / mean time``
-(fp32, no_grad). ``--compare`` times pure and ALGM in one process, interleaved on the same images.
+(fp32, no_grad). ``--compare A,B`` times two patch types in one process, interleaved on the same images.
 Prints ``FPS: <im/s>`` and a one-line JSON summary.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
@@ -18,10 +19,19 @@ import click
 import torch
 import torch.nn as nn
 
-from segm.cli import Command, apply_token_reduction_options, fail_cleanly, resolve_device, token_reduction_options
+from segm.cli import (
+    Command,
+    ReductionRequest,
+    apply_requested_reduction,
+    fail_cleanly,
+    reduction_request,
+    resolve_device,
+    token_reduction_options,
+)
 from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options
-from segm.model.token_reduction import apply_token_reduction
+from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, variant_token_reduction
 from segm.utils.progress import progress
+from tokred.errors import UsageError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,6 +81,37 @@ def measure(
     return times
 
 
+def compared_patch_types(text: str) -> list[str]:
+    """``"pure,algm"`` -> two registered patch-type names, or a ``UsageError``."""
+    names = [n.strip() for n in text.split(",")]
+    if len(names) != 2 or names[0] == names[1]:
+        raise UsageError(f"--compare takes two different patch types, e.g. pure,tome; got '{text}'")
+    unknown = [n for n in names if n not in PATCH_TYPES]
+    if unknown:
+        raise UsageError(f"--compare: unknown patch type '{unknown[0]}'; known patch types: {', '.join(PATCH_TYPES)}")
+    return names
+
+
+def reduction_setups(model: nn.Module, request: ReductionRequest, variant: dict[str, Any] | None,
+                     compare: str | None, trace_source: bool) -> dict[str, Callable[[], None]]:
+    """One setup function per timed variant, run before each of its forwards; alone, the reduction is applied once."""
+    if compare is None:
+        patch_type, _ = apply_requested_reduction(model, request, variant, trace_source)
+        return {patch_type: lambda: None}
+    if request.patch_type is not None:
+        raise UsageError("--compare names the patch types to time; drop --patch-type")
+    names = compared_patch_types(compare)
+    request.refuse_flags_outside(names, f"--compare times {' and '.join(names)}")
+    recorded = variant_token_reduction(variant) if variant is not None else None
+    setups = {}
+    for name in names:
+        base = recorded[1] if recorded is not None and recorded[0] == name else {}
+        options = request.settings_for(name, base)
+        setups[name] = functools.partial(apply_token_reduction, model, name, trace_source=trace_source, **options)
+        setups[name]()  # settings are checked before any image is loaded
+    return setups
+
+
 @click.command(cls=Command)
 @measurement_options
 @click.option("--repeat", type=int, default=32, show_default=True, help="Copies of each batch per forward.")
@@ -78,16 +119,18 @@ def measure(
 @click.option("--iters", type=int, default=None, help="Timed forwards (default: the rest of the validation set).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True, help="Autocast dtype.")
 @click.option("--channels-last", is_flag=True, default=False, help="Channels-last input (helps the patch embedding).")
-@click.option("--compare", is_flag=True, default=False,
-              help="Time pure and ALGM interleaved on the same images; prints both and the speed-up.")
-@click.option("--trace-source", is_flag=True, default=False, help="Keep ALGM's per-step index maps (visualisation cost).")
+@click.option("--compare", is_flag=False, flag_value="pure,algm", default=None, metavar="A,B",
+              help="Time two patch types interleaved on the same images (alone: pure,algm); prints both and the speed-up.")
+@click.option("--trace-source", is_flag=True, default=False, help="Keep the per-step index maps (visualisation cost).")
 @token_reduction_options
 @fail_cleanly
 def main(**opts: Any) -> None:
-    """Measure images/s of a Segmenter (optionally with ALGM) with the published protocol."""
+    """Measure images/s of a Segmenter (with any patch type) with the published protocol."""
+    request = reduction_request(opts)
     device = resolve_device(opts["device"])
     model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
                                  default_n_cls(opts["dataset"], opts["root"]))
+    variants = reduction_setups(model, request, info["variant"], opts["compare"], opts["trace_source"])
     model.to(device)
     if opts["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -95,13 +138,6 @@ def main(**opts: Any) -> None:
                                            opts["batch_size"], opts["keep_aspect"])
     dtype = DTYPES[opts["dtype"]]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
-    algm_opts = dict(opts, patch_type="algm") if opts["compare"] else opts
-    variants = {opts["patch_type"]: lambda: apply_token_reduction_options(model, opts, opts["trace_source"])}
-    if opts["compare"]:
-        variants = {
-            "pure": lambda: apply_token_reduction(model, "pure"),
-            "algm": lambda: apply_token_reduction_options(model, algm_opts, opts["trace_source"]),
-        }
     times = measure(model, loader, device, opts["repeat"], opts["warmup"], opts["iters"], autocast,
                     opts["channels_last"], variants)
     images = opts["repeat"] * opts["batch_size"]
@@ -113,9 +149,10 @@ def main(**opts: Any) -> None:
         "fps": fps,
     }
     if opts["compare"]:
-        summary["speedup"] = round(fps["algm"] / fps["pure"], 3)
-        click.echo(f"FPS pure: {fps['pure']}")
-        click.echo(f"FPS algm: {fps['algm']}")
+        first, second = list(variants)
+        summary["speedup"] = round(fps[second] / fps[first], 3)
+        click.echo(f"FPS {first}: {fps[first]}")
+        click.echo(f"FPS {second}: {fps[second]}")
         click.echo(f"speed-up: {summary['speedup']}")
     click.echo(f"FPS: {fps[list(variants)[-1]]}")
     click.echo(json.dumps(summary))

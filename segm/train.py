@@ -1,6 +1,7 @@
-"""Train Segmenter, with or without ALGM: ``python -m segm.train --log-dir D --dataset ade20k --backbone ... --decoder ...``.
+"""Train Segmenter, with any patch type: ``python -m segm.train --log-dir D --dataset ade20k --backbone ... --decoder ...``.
 
-Runs on one device, under torchrun or under SLURM (one task per GPU). Every epoch writes
+Runs on one device, under torchrun or under SLURM (one task per GPU). The run's patch type and its
+settings go to ``variant.yml``; a resumed run without ``--patch-type`` keeps them. Every epoch writes
 ``checkpoint.pth`` atomically, evaluates every ``eval_freq`` epochs, appends a JSON line to ``log.txt``
 and keeps a single ``best_checkpoint.pth``; the same command restarted resumes exactly.
 """
@@ -18,14 +19,26 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from segm.cli import Command, apply_token_reduction_options, device_option, fail_cleanly, resolve_device, root_option, token_reduction_options
+from segm.cli import (
+    Command,
+    ReductionRequest,
+    apply_requested_reduction,
+    device_option,
+    fail_cleanly,
+    reduction_request,
+    resolve_device,
+    root_option,
+    token_reduction_options,
+)
 from segm.config import dataset_config
 from segm.data import create_dataset, create_loader, per_process_batch_size
 from segm.engine import NonFiniteLossError, autocast_context, evaluate, train_one_epoch
-from segm.model.factory import check_state_dict, create_segmenter, net_kwargs_for, read_checkpoint, to_float32
+from segm.model.factory import check_state_dict, create_segmenter, load_variant, net_kwargs_for, read_checkpoint, to_float32
+from segm.model.token_reduction import variant_entry
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils import distributed
 from segm.utils.checkpoint import rng_states, save_atomic, set_rng_states
+from tokred.errors import UsageError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,7 +55,6 @@ def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
     world_batch = pick("batch_size", ds["batch_size"])
     batch = per_process_batch_size(world_batch, world_size)
     epochs = pick("epochs", ds["epochs"])
-    algm_on = opts["patch_type"] == "algm"
     net = net_kwargs_for(
         opts["backbone"], opts["decoder"], n_cls=0, crop_size=crop_size, dropout=opts["dropout"],
         drop_path_rate=opts["drop_path"], normalization=opts["normalization"],
@@ -59,10 +71,6 @@ def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
             "normalization": net["normalization"],
             "split": "train",
             "num_workers": opts["num_workers"],
-            "patch_type": opts["patch_type"],
-            "threshold": opts["threshold"] if algm_on else None,
-            "merging_window_size": list(opts["merging_window_size"]) if algm_on else None,
-            "selected_layers": list(opts["selected_layers"]) if algm_on and opts["selected_layers"] else None,
         },
         "algorithm_kwargs": {
             "batch_size": batch,
@@ -104,7 +112,7 @@ def prepare_log_dir(log_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"--log-dir {log_dir} is not writable ({err.strerror}); choose another folder") from None
+        raise UsageError(f"--log-dir {log_dir} is not writable ({err.strerror}); choose another folder") from None
 
 
 def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] | None) -> None:
@@ -157,13 +165,14 @@ def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] 
 @token_reduction_options
 @fail_cleanly
 def main(**opts: Any) -> None:
-    """Train a Segmenter (optionally with ALGM) and evaluate it every eval_freq epochs."""
+    """Train a Segmenter (optionally with token reduction) and evaluate it every eval_freq epochs."""
+    request = reduction_request(opts)
     requested = resolve_device(opts.pop("device"))
     env = distributed.init_distributed(requested)
     device = distributed.process_device(requested, env)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed crop sizes: let cuDNN pick its fastest kernels
     try:
-        train(opts, env, device)
+        train(opts, request, env, device)
     except NonFiniteLossError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(3)
@@ -171,7 +180,7 @@ def main(**opts: Any) -> None:
         distributed.destroy()
 
 
-def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) -> None:
+def train(opts: dict[str, Any], request: ReductionRequest, env: distributed.DistEnv, device: torch.device) -> None:
     log_dir: Path = opts["log_dir"]
     main_process = env.is_main
     if main_process:
@@ -204,9 +213,9 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
     for name in ("head", "head_dist"):
         if hasattr(model.encoder, name):
             getattr(model.encoder, name).requires_grad_(False)
-    layers = apply_token_reduction_options(model, opts)
-    if layers is not None:
-        ds_kwargs["selected_layers"] = layers
+    saved = load_variant(log_dir / "variant.yml") if resuming and (log_dir / "variant.yml").is_file() else None
+    patch_type, settings = apply_requested_reduction(model, request, saved, announce=main_process)
+    variant["token_reduction"] = variant_entry(patch_type, settings)
     model.to(device)
 
     optimizer = create_optimizer(model, optim_kwargs["opt"], optim_kwargs["lr"], optim_kwargs["weight_decay"], optim_kwargs["momentum"])
@@ -308,8 +317,8 @@ def resume(checkpoint_path: Path, best_path: Path, model, optimizer, scheduler, 
     data = read_checkpoint(checkpoint_path)
     try:
         check_state_dict(model, data["model"], str(checkpoint_path))
-    except ValueError as err:
-        raise ValueError(f"{err}; it was written for another model: start a new --log-dir or pass --no-resume") from None
+    except UsageError as err:
+        raise UsageError(f"{err}; it was written for another model: start a new --log-dir or pass --no-resume") from None
     model.load_state_dict(data["model"])
     if "optimizer" not in data:
         if env.is_main:

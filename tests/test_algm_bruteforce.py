@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from algm.global_merge import global_merge
 from algm.local_merge import clap_destinations, conditional_pooling, window_similarity
-from algm.merge import MergeState
+from tokred.state import MergeState
 
 ATOL = 1e-5
 MARGIN = 1e-5

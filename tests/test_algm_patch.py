@@ -12,6 +12,7 @@ from timm.models.vision_transformer import Block
 import algm
 from algm.patch import TurboBlock, algm_segmenter_patch, patched_layers, unpatch
 from segm.model.factory import create_segmenter
+from tokred.errors import UsageError
 from tests.conftest import perturb_, tiny_net_kwargs
 
 
@@ -37,7 +38,7 @@ def test_clap_merging_nothing_gives_exactly_the_unpatched_outputs(decoder):
     x = smooth_images(2, 128, 160)
     with torch.no_grad():
         want = model(x)
-        algm_segmenter_patch(model, [3], threshold=1.5)
+        algm_segmenter_patch(model, [3], threshold=1.0)
         got = model(x)
     assert torch.equal(got, want)
 
@@ -56,7 +57,7 @@ def test_patch_unpatch_round_trip_and_state_dict_unchanged(tmp_path):
         assert sum(isinstance(b, TurboBlock) for b in model.encoder.blocks) == 2
         unpatch(model)
         assert all(type(b) is Block for b in model.encoder.blocks)
-        assert model.encoder.merge_options is None
+        assert model.encoder.reducer.name == "pure"
         assert torch.equal(model(x), before)
 
 
@@ -153,7 +154,7 @@ def test_proportional_attention_adds_log_size_to_the_logits():
         algm_segmenter_patch(model, [1, 5], threshold=0.6)
         without = model(x)
         assert not torch.allclose(with_prop, without)
-        algm_segmenter_patch(model, [1], threshold=1.5, prop_attn=True)
+        algm_segmenter_patch(model, [1], threshold=1.0, prop_attn=True)
         assert torch.equal(model(x), make_model()(x))
 
     block = model.encoder.blocks[3]
@@ -196,20 +197,29 @@ def test_window_size_errors(window, match):
         algm_segmenter_patch(make_model(), [1, 5], window_size=window)
 
 
-@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "0.9", None, True])
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "0.9", None, True, 1.5, -1.01])
 def test_threshold_errors(threshold):
-    with pytest.raises(ValueError, match="threshold must be a finite number"):
+    with pytest.raises(UsageError, match=r"threshold must be a number in \[-1, 1\], got "):
         algm_segmenter_patch(make_model(), [1, 5], threshold=threshold)
 
 
-def test_threshold_above_one_is_valid():
-    model = algm_segmenter_patch(make_model(), [1, 5], threshold=2.0)
-    assert patched_layers(model)[0].threshold == 2.0
+@pytest.mark.parametrize("threshold", [-1.0, 1.0])
+def test_threshold_bounds_of_a_cosine_similarity_are_valid(threshold):
+    model = algm_segmenter_patch(make_model(), [1, 5], threshold=threshold)
+    assert patched_layers(model)[0].threshold == threshold
 
 
 def test_patching_something_else_is_refused():
-    with pytest.raises(TypeError, match="ALGM patches a Segmenter or its VisionTransformer encoder built from timm Blocks, not Linear"):
+    with pytest.raises(UsageError, match="patch type 'algm' applies to a Segmenter or its VisionTransformer encoder "
+                                         "built from timm Blocks, not Linear"):
         algm_segmenter_patch(torch.nn.Linear(2, 2), [1])
+
+
+def test_a_bad_option_leaves_the_previous_patch_in_place():
+    model = algm_segmenter_patch(make_model(), [1, 5], threshold=0.6)
+    with pytest.raises(UsageError, match="out of range"):
+        algm_segmenter_patch(model, [1, 13])
+    assert [(s.kind, s.layer_idx) for s in patched_layers(model)] == [("clap", 1), ("gbm", 5)]
 
 
 def test_patching_the_encoder_alone():

@@ -61,7 +61,7 @@ def test_documented_command_parses(source, module, arguments):
 
 def test_docs_contain_the_main_commands():
     modules = {module for _, module, _ in doc_commands()}
-    assert {"segm.train", "segm.eval.miou", "segm.speedtest", "segm.flops", "algm.calibrate"} <= modules
+    assert {"segm.train", "segm.eval.miou", "segm.speedtest", "segm.flops", "segm.calibrate", "segm.vis"} <= modules
 
 
 @pytest.mark.parametrize("module", ["segm.train", "segm.eval.miou", "segm.speedtest", "segm.flops"])

@@ -9,13 +9,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from algm.calibrate import main as calibrate
-from algm.global_merge import best_partners
 from algm.local_merge import window_similarity
+from segm.calibrate import main as calibrate
 from segm.flops import main as flops_cli
 from segm.measure import flop_analysis
 from segm.model.factory import create_segmenter, net_kwargs_for
 from segm.speedtest import main as speedtest_cli
+from tokred.bipartite import best_partners
 from tests.conftest import perturb_, tiny_net_kwargs, write_checkpoint
 
 
@@ -86,7 +86,7 @@ def test_flops_cli_prints_gflops_and_algm_counts_fewer(model_dir):
     assert pure.exit_code == 0 and algm.exit_code == 0, pure.output + algm.output
     value = lambda r: float([l for l in r.stdout.splitlines() if l.startswith("GFlops: ")][0].split()[1])
     assert 0 < value(algm) < value(pure)
-    assert "| encoder block 5 |" in algm.stdout and "| merging (similarities) |" in algm.stdout
+    assert "| encoder block 5 |" in algm.stdout and "| token reduction (similarities, scores) |" in algm.stdout
 
 
 def test_flops_without_a_dataset_root_says_it_measures_synthetic_images(monkeypatch):

@@ -1,4 +1,4 @@
-"""segm.inference and algm.vis on a small random-weight checkpoint."""
+"""segm.inference and segm.vis on a small random-weight checkpoint."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from algm.vis import draw_merge_groups
-from algm.vis import main as vis
 from segm.inference import main as infer
+from segm.vis import main as vis
+from segm.visualize import draw_merge_groups
 from segm.model.factory import create_segmenter
 from tests.conftest import perturb_, tiny_net_kwargs, write_checkpoint
 
@@ -56,7 +56,7 @@ def test_inference_show_merges_adds_panels(model_path, image_dir, tmp_path):
 @pytest.mark.parametrize("setup,args,message", [
     ("missing", [], "input folder not found"),
     ("empty", [], "no images"),
-    ("images", ["--show-merges"], "--show-merges draws ALGM's merges: add --patch-type algm"),
+    ("images", ["--show-merges", "--dataset", "synthetic"], "patch type 'pure' recorded no patch-to-token maps on this image: nothing to draw"),
     ("images", [], "the model predicts 16 classes but ade20k has 150; pass --dataset"),
 ])
 def test_inference_errors(model_path, image_dir, tmp_path, setup, args, message):
@@ -68,11 +68,11 @@ def test_inference_errors(model_path, image_dir, tmp_path, setup, args, message)
 
 def test_vis_draws_a_panel_per_selected_layer(model_path, image_dir, tmp_path):
     out = tmp_path / "merges.png"
-    result = CliRunner().invoke(vis, [str(model_path), str(image_dir / "a.png"), "-o", str(out),
+    result = CliRunner().invoke(vis, [str(model_path), str(image_dir / "a.png"), "-o", str(out), "--patch-type", "algm",
                                       "--selected-layers", "1", "5", "8", "--threshold", "0.5"])
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (4 * 82, 64 + 16)
-    assert "layer 1:" in result.output and "layer 8:" in result.output
+    assert "step 1:" in result.output and "step 3:" in result.output
 
 
 def test_draw_merge_groups_colours_tokens_and_draws_boundaries():

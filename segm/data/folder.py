@@ -9,6 +9,7 @@ import numpy as np
 from segm.data.base import DatasetSpec, SegmentationDataset
 from segm.data.io import load_label, load_rgb
 from segm.data.transforms import TrainPipeline, ValPipeline
+from tokred.errors import UsageError
 
 
 class FolderDataset(SegmentationDataset):
@@ -22,7 +23,7 @@ class FolderDataset(SegmentationDataset):
                  seed: int = 0, max_images: int | None = None) -> None:
         super().__init__(spec.info, split, transform, seed)
         if spec.layout is None:
-            raise ValueError(f"dataset '{spec.name}' has no folder layout")
+            raise UsageError(f"dataset '{spec.name}' has no folder layout")
         self.root = Path(root)
         self.image_dir = spec.layout.image_dir(self.root, split)
         self.samples = spec.layout.samples(self.root, split)[:max_images]

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from tokred.errors import UsageError
+
 _EXIF_ORIENTATION = ExifTags.Base.Orientation
 _INDEX_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A problem with dataset files or folders that the user can fix (missing, unpaired, unreadable)."""
 
 

@@ -25,6 +25,7 @@ from segm.data.folder import FolderDataset
 from segm.data.registry import get_spec
 from segm.data.seeding import derive_seed, generator
 from segm.data.transforms import TrainPipeline, ValPipeline
+from tokred.errors import UsageError
 
 _SEED_RANGE = 2**62
 
@@ -41,11 +42,11 @@ def create_dataset(name: str, split: str, *, im_size: int | None = None, crop_si
     """
     spec = get_spec(name)
     if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}' for {name}; choose one of: {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split '{split}' for {name}; choose one of: {', '.join(SPLITS)}")
     if multiscale and split == "train":
-        raise ValueError("multiscale views apply to the val split only; drop multiscale for training")
+        raise UsageError("multiscale views apply to the val split only; drop multiscale for training")
     if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be a positive number of images, got {max_images}")
+        raise UsageError(f"max_images must be a positive number of images, got {max_images}")
     defaults = dataset_config(name)
     im_size = im_size or defaults["im_size"]
     crop_size = crop_size or defaults["crop_size"]
@@ -97,9 +98,9 @@ class ShardSampler(Sampler[int]):
 def per_process_batch_size(world_batch: int, world_size: int) -> int:
     """The batch size of each process; the world batch must split evenly across processes."""
     if world_size < 1 or world_batch < 1:
-        raise ValueError(f"batch size ({world_batch}) and number of processes ({world_size}) must be positive")
+        raise UsageError(f"batch size ({world_batch}) and number of processes ({world_size}) must be positive")
     if world_batch % world_size:
-        raise ValueError(
+        raise UsageError(
             f"the world batch size {world_batch} does not divide across {world_size} processes; "
             f"use a multiple of {world_size} (e.g. {world_size * max(1, round(world_batch / world_size))})"
         )
@@ -113,7 +114,7 @@ def collate_val(batch: list[dict[str, Any]]) -> dict[str, Any]:
     ``filename`` (str) and ``gt`` (uint8 [H0, W0]).
     """
     if len(batch) != 1:
-        raise ValueError(f"validation batches hold one image (its views differ in size), got {len(batch)}; "
+        raise UsageError(f"validation batches hold one image (its views differ in size), got {len(batch)}; "
                          "use batch_size=1")
     item = batch[0]
     return {**item, "im": [view.unsqueeze(0) for view in item["im"]]}
@@ -139,7 +140,7 @@ class SegmentationLoader(DataLoader):
 
 def _process_group() -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed=True needs an initialised torch.distributed process group; "
+        raise UsageError("distributed=True needs an initialised torch.distributed process group; "
                          "start with torchrun (or srun) and initialise it first, or pass distributed=False")
     return dist.get_world_size(), dist.get_rank()
 
@@ -164,7 +165,7 @@ def create_loader(dataset: SegmentationDataset, batch_size: int, *, num_workers:
         collate = None
     else:
         if batch_size != 1:
-            raise ValueError(f"validation loaders take batch_size=1 (got {batch_size}): views differ in size")
+            raise UsageError(f"validation loaders take batch_size=1 (got {batch_size}): views differ in size")
         sampler = ShardSampler(len(dataset), world_size, rank) if distributed else None
         collate = collate_val
     return SegmentationLoader(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from segm.data import ade20k, cityscapes, coco_stuff, pascal_context, synthetic
 from segm.data.base import DatasetInfo, DatasetSpec
+from tokred.errors import UsageError
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -27,7 +28,7 @@ def dataset_names() -> list[str]:
 def get_spec(name: str) -> DatasetSpec:
     """The spec of dataset ``name``; an unknown name raises a ValueError listing the known ones."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from segm.data.color import hsv_to_rgb, rgb_to_hsv
+from tokred.errors import UsageError
 
 IGNORE_INDEX = 255
 MULTISCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -36,7 +37,7 @@ Pair = tuple[tv_tensors.Image, tv_tensors.Mask]
 def pixel_stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std on the 0..255 scale: ``STATS`` x 255 rounded to 2 decimals, as the reference does."""
     if normalization not in STATS:
-        raise ValueError(f"unknown normalization '{normalization}'; choose one of: {', '.join(STATS)}")
+        raise UsageError(f"unknown normalization '{normalization}'; choose one of: {', '.join(STATS)}")
     stats = STATS[normalization]
     mean, std = (tuple(float(v) for v in np.round(255 * np.array(stats[key]), 2)) for key in ("mean", "std"))
     return mean, std

@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint: ``python -m segm.eval.miou MODEL_PATH DATASET_NAME [--multiscale] [--patch-type algm ...]``.
+"""Evaluate a checkpoint: ``python -m segm.eval.miou MODEL_PATH DATASET_NAME [--multiscale] [--patch-type ...]``.
+
+Without ``--patch-type`` the model runs with the patch type and settings its ``variant.yml`` records.
 
 Sliding-window inference (windows forwarded ``--window-batch-size`` at a time, in the reference's order),
 metrics on the original-resolution labels as mmsegmentation 0.14 computes them; prints the reference's
@@ -19,7 +21,17 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from segm.cli import Command, apply_token_reduction_options, device_option, fail_cleanly, resolve_device, root_option, token_reduction_options
+from segm.cli import (
+    Command,
+    ReductionRequest,
+    apply_requested_reduction,
+    device_option,
+    fail_cleanly,
+    reduction_request,
+    resolve_device,
+    root_option,
+    token_reduction_options,
+)
 from segm.config import dataset_config
 from segm.data import STATS, create_dataset, create_loader
 from segm.data.loader import ShardSampler
@@ -27,6 +39,7 @@ from segm.engine import evaluate
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.utils import distributed
 from segm.visualize import blend, colorize, denormalize
+from tokred.errors import UsageError
 
 
 def default_window_stride(dataset: str, crop_size: int) -> int:
@@ -94,7 +107,7 @@ def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> 
 @click.option("--window-size", type=int, default=None, help="Sliding window (default: the training crop size).")
 @click.option("--window-stride", type=int, default=None, help="Window stride (default: crop - 32; 512 for cityscapes).")
 @click.option("--window-batch-size", type=int, default=4, show_default=True,
-              help="Windows per forward; ALGM's merge count is a minimum over each group.")
+              help="Windows per forward; adaptive merge counts (ALGM) are a minimum over each group.")
 @click.option("--save-images/--no-save-images", default=False, show_default=True, help="Write images/ and images.zip beside the model.")
 @click.option("-frac-dataset", "--frac-dataset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Evaluate the first ceil(fraction x N) validation images (in 0..1, 0 excluded).")
@@ -104,22 +117,22 @@ def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> 
 @fail_cleanly
 def main(model_path: Path, dataset_name: str, **opts: Any) -> None:
     """Evaluate MODEL_PATH (checkpoint.pth with variant.yml beside it) on the validation set of DATASET_NAME."""
+    request = reduction_request(opts)
     requested = resolve_device(opts.pop("device"))
     env = distributed.init_distributed(requested)
     device = distributed.process_device(requested, env)
     try:
-        run(model_path, dataset_name, opts, env, device)
+        run(model_path, dataset_name, opts, request, env, device)
     finally:
         distributed.destroy()
 
 
-def run(model_path: Path, dataset_name: str, opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) -> None:
+def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: ReductionRequest,
+        env: distributed.DistEnv, device: torch.device) -> None:
     model, variant = load_model(model_path)
     ds_cfg = dataset_config(dataset_name)
     trained = variant.get("dataset_kwargs", {})
-    if trained.get("patch_type") == "algm" and opts["patch_type"] == "pure" and env.is_main:
-        click.echo("note: this model was trained with ALGM; add --patch-type algm (and its settings) to evaluate with merging")
-    apply_token_reduction_options(model, opts)
+    apply_requested_reduction(model, request, variant, announce=env.is_main)
     model.to(device).eval()
 
     crop_size = variant_crop_size(variant)
@@ -130,7 +143,7 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], env: distribu
     dataset = create_dataset(dataset_name, "val", im_size=im_size, normalization=normalization,
                              root=opts["root"], multiscale=opts["multiscale"])
     if dataset.n_cls != model.n_cls:
-        raise ValueError(f"the model predicts {model.n_cls} classes but {dataset_name} has {dataset.n_cls}")
+        raise UsageError(f"the model predicts {model.n_cls} classes but {dataset_name} has {dataset.n_cls}")
     loader = create_loader(dataset, 1, num_workers=opts["num_workers"], distributed=env.distributed,
                            pin_memory=device.type == "cuda")
     n_images = math.ceil(len(dataset) * opts["frac_dataset"])

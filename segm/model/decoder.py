@@ -1,8 +1,8 @@
 """Segmenter's decoders. Both map patch tokens to per-token class logits, then to the patch grid.
 
-When the encoder merged tokens, the decoder runs on the merged tokens and its per-token outputs are
-copied back to every patch through ``MergeState.unmerge`` (``tokens_to_grid``), which is the one seam
-between token reduction and decoding.
+When the encoder reduced the tokens, the decoder runs on the reduced tokens and ``MergeState.to_grid``
+sends its per-token outputs back to the patch grid (an index gather, a reduced grid or a weighted map):
+the one seam between token reduction and decoding.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from algm.merge import MergeState
+from tokred.state import MergeState
 from segm.model.vit import drop_path_rates, init_weights, make_block
 
 
 def tokens_to_grid(
     y: torch.Tensor, grid: tuple[int, int], state: MergeState | None = None
 ) -> torch.Tensor:
-    """Per-token outputs (B, T, K) -> (B, K, gh, gw), unmerging through ``state`` when tokens were merged."""
+    """Per-token outputs (B, T, K) -> (B, K, gh, gw), through ``state`` when the encoder reduced the tokens."""
     if state is not None:
-        y = state.unmerge(y)
+        return state.to_grid(y)
     B, N, K = y.shape
     if N != grid[0] * grid[1]:
         raise ValueError(f"{N} patch outputs do not fill a {grid[0]}x{grid[1]} grid")

@@ -16,6 +16,7 @@ from segm.config import backbone_config, decoder_config, known_names
 from segm.model.decoder import DecoderLinear, MaskTransformer
 from segm.model.segmenter import Segmenter
 from segm.model.vit import VisionTransformer, resize_pos_embed
+from tokred.errors import UsageError
 
 DECODERS = ("linear", "mask_transformer")
 
@@ -51,7 +52,7 @@ def net_kwargs_for(
     """The ``net_kwargs`` of a run, as written to ``variant.yml``: backbone at the crop size plus decoder."""
     net = backbone_config(backbone)
     if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder '{decoder}'; known decoders: {', '.join(DECODERS)}")
+        raise UsageError(f"unknown decoder '{decoder}'; known decoders: {', '.join(DECODERS)}")
     dec = decoder_config(decoder)
     dec.update(name=decoder, n_cls=n_cls)
     net.update(
@@ -71,10 +72,10 @@ def create_vit(model_cfg: Mapping[str, Any]) -> VisionTransformer:
     """The encoder described by ``model_cfg`` (a variant's ``net_kwargs`` without its decoder)."""
     backbone = model_cfg.get("backbone")
     if backbone is not None and backbone not in known_names("model"):
-        raise ValueError(f"unknown backbone '{backbone}'; known backbones: {', '.join(known_names('model'))}")
+        raise UsageError(f"unknown backbone '{backbone}'; known backbones: {', '.join(known_names('model'))}")
     unknown = sorted(set(model_cfg) - NET_KEYS)
     if unknown:
-        raise ValueError(f"unknown model settings: {', '.join(unknown)}")
+        raise UsageError(f"unknown model settings: {', '.join(unknown)}")
     kwargs = {k: model_cfg[k] for k in ENCODER_KEYS if k in model_cfg}
     image_size = kwargs["image_size"]
     kwargs["image_size"] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -86,7 +87,7 @@ def create_decoder(encoder: VisionTransformer, decoder_cfg: Mapping[str, Any]) -
     cfg = dict(decoder_cfg)
     name = cfg.pop("name", None)
     if name not in DECODERS:
-        raise ValueError(f"unknown decoder '{name}'; known decoders: {', '.join(DECODERS)}")
+        raise UsageError(f"unknown decoder '{name}'; known decoders: {', '.join(DECODERS)}")
     n_cls = cfg.pop("n_cls")
     if name == "linear":
         return DecoderLinear(n_cls=n_cls, patch_size=encoder.patch_size, d_encoder=encoder.d_model)
@@ -136,7 +137,7 @@ def load_variant(path: str | Path) -> dict[str, Any]:
         with open(path) as f:
             return yaml.load(f, Loader=_VariantLoader)
     except yaml.constructor.ConstructorError as err:
-        raise ValueError(f"{path}: refused to build a Python object from tag {err.problem.split()[-1]}") from None
+        raise UsageError(f"{path}: refused to build a Python object from tag {err.problem.split()[-1]}") from None
 
 
 def find_variant(checkpoint_path: Path) -> Path:
@@ -164,10 +165,10 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
             parts.append(f"missing keys {_describe(missing)}")
         if unexpected:
             parts.append(f"unexpected keys {_describe(unexpected)}")
-        raise ValueError(f"{source} does not match the model: " + "; ".join(parts))
+        raise UsageError(f"{source} does not match the model: " + "; ".join(parts))
     for key, value in state_dict.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(
+            raise UsageError(
                 f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint "
                 f"but {tuple(own[key].shape)} in the model"
             )
@@ -190,11 +191,11 @@ def read_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
         if weights_only and "weights_only" in str(err):
-            raise ValueError(
+            raise UsageError(
                 f"{path} holds Python objects that a safe load refuses; if you trust the file, "
                 "call load_model(path, weights_only=False)"
             ) from None
-        raise ValueError(f"{path} could not be read as a checkpoint: {err}") from None
+        raise UsageError(f"{path} could not be read as a checkpoint: {err}") from None
 
 
 def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[Segmenter, dict[str, Any]]:
@@ -214,7 +215,7 @@ def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[Segme
     data = read_checkpoint(path, weights_only=weights_only)
     state_dict = data["model"] if isinstance(data, dict) and "model" in data else data
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{path} holds no state dict (expected {{'model': state_dict, ...}})")
+        raise UsageError(f"{path} holds no state dict (expected {{'model': state_dict, ...}})")
     state_dict = _strip_prefix(state_dict, "module.")
     check_state_dict(model, state_dict, str(path))
     model.load_state_dict(to_float32(state_dict), strict=True)
@@ -227,7 +228,7 @@ def _timm_hub_weights(backbone: str) -> dict[str, torch.Tensor]:
 
     name = TIMM_PRETRAINED.get(backbone)
     if name is None:
-        raise ValueError(
+        raise UsageError(
             f"no timm hub weights match '{backbone}' at this resolution; pass a local weight file "
             "(--pretrained PATH) or train without pretraining (--no-pretrained)"
         )
@@ -296,7 +297,7 @@ def load_pretrained_encoder(encoder: VisionTransformer, backbone: str, source: b
     if "pos_embed" in weights and weights["pos_embed"].shape != own["pos_embed"].shape:
         n_extra = encoder.num_prefix_tokens
         if weights["pos_embed"].shape[1] - n_extra <= 0 or ("dist_token" in weights) != encoder.distilled:
-            raise ValueError(f"{label}: position embedding {tuple(weights['pos_embed'].shape)} does not fit")
+            raise UsageError(f"{label}: position embedding {tuple(weights['pos_embed'].shape)} does not fit")
         weights["pos_embed"] = resize_pos_embed(weights["pos_embed"], None, encoder.patch_embed.grid_size, n_extra)
     check_state_dict(encoder, weights, label)
     encoder.load_state_dict(to_float32(weights), strict=True)

@@ -7,15 +7,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segm.model.inference import padding, unpadding
+from tokred.errors import UsageError
 
 
 def check_image_batch(im: torch.Tensor, channels: int = 3) -> None:
     """Raise a clear error unless ``im`` is a floating ``B x channels x H x W`` tensor."""
     if not isinstance(im, torch.Tensor) or im.ndim != 4 or im.shape[1] != channels:
         shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
-        raise ValueError(f"expected an image batch of shape B x {channels} x H x W, got {shape}")
+        raise UsageError(f"expected an image batch of shape B x {channels} x H x W, got {shape}")
     if not im.is_floating_point():
-        raise ValueError(f"expected a floating-point (normalised) image batch, got dtype {im.dtype}")
+        raise UsageError(f"expected a floating-point (normalised) image batch, got dtype {im.dtype}")
 
 
 class Segmenter(nn.Module):

@@ -1,38 +1,72 @@
-"""Token-reduction patch types selectable by name (``--patch-type``): ``pure`` (none) and ``algm``."""
+"""Token reduction by name: the registry of patch types and the public calls.
+
+    from segm.model.token_reduction import apply_token_reduction, remove_token_reduction, PATCH_TYPES
+    apply_token_reduction(model, "tome", r=8, prop_attn=False)   # returns the applied settings
+    remove_token_reduction(model)                                  # back to pure
+
+Adding a method means writing its module (a ``tokred.TokenReducer`` subclass: its options, its block
+overrides, its hooks) and adding it to ``PATCH_TYPES`` below; the command-line options, ``variant.yml``
+and every command follow from the registry. Nothing else in ``segm`` names a method.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping
 
 import torch.nn as nn
 
-import algm.patch
+from algm.patch import ALGM
+from tokred.reducer import Pure, Registry, install, uninstall
+from tokred.tome import ToMe, ToMeSublayer
 
-PATCH_TYPES = ("pure", "algm")
+PATCH_TYPES = Registry()
+for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer):
+    PATCH_TYPES.register(_patch_type)
+
+VARIANT_KEY = "token_reduction"
+LEGACY_ALGM_KEYS = {"selected_layers": "selected_layers", "merging_window_size": "window_size", "threshold": "threshold"}
 
 
-def default_selected_layers(depth: int) -> list[int]:
-    """ALGM's published layers: 1 and 5 for 12-block encoders (Ti/S/B), 1 and 7 for 24-block ones (L)."""
-    return [1, 7] if depth >= 24 else [1, 5]
+def apply_token_reduction(model: nn.Module, patch_type: str, *, trace_source: bool = False, **options: Any) -> dict[str, Any]:
+    """Apply ``patch_type`` with keyword ``options`` to ``model`` in place; returns the applied settings.
+
+    A second call replaces the first; ``"pure"`` removes any reduction. ``trace_source`` keeps the
+    patch -> token map of every step in the merge state (for visualisation); it is not a setting.
+    """
+    reducer = PATCH_TYPES.create(patch_type, **options)
+    install(model, reducer, trace_source=trace_source)
+    return reducer.settings()
 
 
-def apply_token_reduction(
-    model: nn.Module,
-    patch_type: str,
-    selected_layers: Sequence[int] | None = None,
-    window_size: Sequence[int] = (2, 2),
-    threshold: float = 0.88,
-    trace_source: bool = False,
-) -> list[int] | None:
-    """Patch ``model`` in place with ``patch_type``; returns the selected layers used (``None`` for ``pure``)."""
-    if patch_type not in PATCH_TYPES:
-        raise ValueError(f"unknown patch type '{patch_type}'; known patch types: {', '.join(PATCH_TYPES)}")
-    if patch_type == "pure":
-        algm.patch.unpatch(model)
+def remove_token_reduction(model: nn.Module) -> None:
+    """Back to the pure model (plain timm blocks, every patch token)."""
+    uninstall(model)
+
+
+def applied_token_reduction(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The patch type applied to ``model`` and its settings (``("pure", {})`` when none)."""
+    reducer = getattr(model, "encoder", model).reducer
+    return reducer.name, reducer.settings()
+
+
+def variant_entry(patch_type: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``variant.yml`` records of a run's token reduction."""
+    return {"patch_type": patch_type, "settings": dict(settings)}
+
+
+def variant_token_reduction(variant: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The patch type and settings a ``variant.yml`` records, or ``None`` when it records none.
+
+    Reads this codebase's ``token_reduction`` entry, or the ``dataset_kwargs`` keys of the published
+    ALGM code (``patch_type``, ``selected_layers``, ``merging_window_size``, ``threshold``).
+    """
+    entry = variant.get(VARIANT_KEY)
+    if entry:
+        return entry["patch_type"], dict(entry.get("settings") or {})
+    kwargs = variant.get("dataset_kwargs") or {}
+    patch_type = kwargs.get("patch_type")
+    if patch_type is None:
         return None
-    encoder = getattr(model, "encoder", model)
-    layers = list(selected_layers) if selected_layers else default_selected_layers(len(encoder.blocks))
-    algm.patch.algm_segmenter_patch(
-        model, layers, window_size=tuple(window_size), threshold=threshold, trace_source=trace_source
-    )
-    return layers
+    if patch_type != "algm":
+        return patch_type, {}
+    return "algm", {new: kwargs[old] for old, new in LEGACY_ALGM_KEYS.items() if kwargs.get(old) is not None}

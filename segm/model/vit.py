@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from algm.merge import MergeOptions, MergeState, MergingBlock
+from tokred.blocks import run_block
+from tokred.errors import UsageError
+from tokred.reducer import Pure, TokenReducer
+from tokred.state import MergeState
 
 
 def init_weights(module: nn.Module) -> None:
@@ -83,7 +86,7 @@ class PatchEmbedding(nn.Module):
     def __init__(self, image_size: Sequence[int], patch_size: int, embed_dim: int, channels: int):
         super().__init__()
         if image_size[0] % patch_size or image_size[1] % patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"image_size {tuple(image_size)} is not a multiple of the patch size {patch_size}"
             )
         self.image_size = tuple(image_size)
@@ -146,7 +149,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_cls)
-        self.merge_options: MergeOptions | None = None
+        self.reducer: TokenReducer = Pure()
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -169,7 +172,7 @@ class VisionTransformer(nn.Module):
         B, _, H, W = im.shape
         P = self.patch_size
         if H % P or W % P:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {P}; pad it first")
+            raise UsageError(f"input size {H}x{W} is not a multiple of the patch size {P}; pad it first")
         x = self.patch_embed(im)
         prefix = [self.cls_token.expand(B, -1, -1)]
         if self.distilled:
@@ -177,31 +180,17 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1)
         return self.dropout(x + self.pos_embed_for((H // P, W // P)))
 
-    def forward_tokens(self, im: torch.Tensor) -> tuple[torch.Tensor, MergeState | None]:
-        """All output tokens (prefix included, after the final norm) and the merge state, if merging.
+    def forward_tokens(self, im: torch.Tensor) -> tuple[torch.Tensor, MergeState]:
+        """All output tokens (prefix included, after the final norm) and the token-reduction state.
 
-        Blocks that merge tokens (``MergingBlock``) receive and return the ``MergeState``; with
-        proportional attention every later block gets ``log(size)`` as an additive attention mask.
+        The encoder's ``reducer`` (``Pure`` unless a patch type is applied) builds the input tokens and
+        their ``MergeState``, its blocks reduce them, and it may act on the normed output.
         """
-        x = self.embed(im)
-        state = None
-        if self.merge_options is not None:
-            P = self.patch_size
-            state = MergeState.start(
-                x,
-                n_prefix=self.num_prefix_tokens,
-                grid=(im.shape[2] // P, im.shape[3] // P),
-                prop_attn=self.merge_options.prop_attn,
-                trace_source=self.merge_options.trace_source,
-            )
+        reducer = self.reducer
+        x, state = reducer.start(self, im)
         for blk in self.blocks:
-            if isinstance(blk, MergingBlock):
-                x, state = blk(x, state)
-            elif state is not None and state.prop_attn:
-                x = blk(x, attn_mask=state.attn_bias(x.dtype))
-            else:
-                x = blk(x)
-        return self.norm(x), state
+            x = run_block(blk, x, state)
+        return reducer.finish(self, self.norm(x), state), state
 
     def forward(self, im: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         """Output tokens if ``return_features``, otherwise the ImageNet logits (mean of both heads if distilled)."""

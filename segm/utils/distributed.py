@@ -13,6 +13,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from tokred.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -38,7 +40,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if match is None:
-        raise ValueError(f"cannot read the SLURM node list '{nodelist}'")
+        raise UsageError(f"cannot read the SLURM node list '{nodelist}'")
     prefix, ranges = match.groups()
     if not ranges:
         return prefix

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from segm.data.base import SPLITS, DatasetInfo, DatasetSpec, SegmentationDataset
 from segm.data.seeding import derive_seed
 from segm.data.transforms import IGNORE_INDEX, TrainPipeline, ValPipeline
+from tokred.errors import UsageError
 
 DEFAULT_SIZE = 128
 DEFAULT_COUNTS = {"train": 512, "val": 64}
@@ -280,7 +281,7 @@ def write_layout(out: Path, layout: str, counts: dict[str, int] | None = None, h
 
     spec = get_spec(layout)
     if spec.layout is None:
-        raise ValueError(f"'{layout}' has no folder layout; choose a dataset read from files")
+        raise UsageError(f"'{layout}' has no folder layout; choose a dataset read from files")
     folders = spec.layout
     written = []
     for split, count in (counts or DEFAULT_COUNTS).items():
