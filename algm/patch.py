@@ -83,6 +83,11 @@ class ALGM(TokenReducer):
                boolean("prop_attn"), value_type=bool),
     )
 
+    @classmethod
+    def sweep(cls, encoder: nn.Module) -> list[dict[str, Any]]:
+        """The CLAP threshold from 0.95 (mildest) down to 0.80, at the selected layers."""
+        return [{"threshold": t} for t in (0.95, 0.92, 0.90, 0.88, 0.85, 0.80)]
+
     def prepare(self, encoder: nn.Module) -> None:
         depth = len(encoder.blocks)
         layers = self.config["selected_layers"] or default_selected_layers(depth)

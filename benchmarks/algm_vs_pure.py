@@ -45,7 +45,7 @@ def search_threshold(model, layers: list[int], images: list[torch.Tensor], pure:
     best = (float("inf"), 1.0)
     for _ in range(steps):
         mid = (low + high) / 2
-        apply_token_reduction(model, "algm", layers, (2, 2), mid)
+        apply_token_reduction(model, "algm", selected_layers=layers, threshold=mid)
         ratio = mean_gflops(model, images) / pure
         best = min(best, (abs(ratio - target), mid))
         low, high = (mid, high) if ratio < target else (low, mid)
@@ -78,12 +78,12 @@ def main(device: str, large: bool, repeat: int | None, warmup: int | None, iters
         timed_images = list(batches(loader, warmup + iters))[warmup:]
         pure_gflops = mean_gflops(model, timed_images[:1])
         threshold = search_threshold(model, layers, timed_images[:search_images], pure_gflops, target, steps=10)
-        apply_token_reduction(model, "algm", layers, (2, 2), threshold)
+        apply_token_reduction(model, "algm", selected_layers=layers, threshold=threshold)
         algm_gflops = mean_gflops(model, timed_images)
         model.to(dev)
         variants = {
             "pure": lambda: apply_token_reduction(model, "pure"),
-            "algm": lambda: apply_token_reduction(model, "algm", layers, (2, 2), threshold),
+            "algm": lambda: apply_token_reduction(model, "algm", selected_layers=layers, threshold=threshold),
         }
         times = measure(model, loader, dev, repeat, warmup, iters, nullcontext, False, variants, show_progress=False)
         fps = {k: repeat / statistics.mean(v) for k, v in times.items()}

@@ -26,7 +26,7 @@ import torch
 import torchvision
 
 from segm.data import create_dataset, create_loader
-from segm.data.synthetic import write_layout
+from segm.data.synthetic.write import write_layout
 
 from report import emit
 

@@ -20,11 +20,11 @@ import click
 import torch
 
 import algm.patch
-from algm.merge import MergeState
 from segm.cli import Command
 from segm.data import create_dataset
 from segm.model.factory import create_segmenter, net_kwargs_for
 from segm.model.token_reduction import apply_token_reduction
+from tokred.state import MergeState
 
 from report import emit
 
@@ -92,11 +92,11 @@ def main(device: str, iters: int, warmup: int, threshold: float, out: Path | Non
             if i >= warmup:
                 pure_times.append(time.perf_counter() - start)
 
-    apply_token_reduction(model, "algm", [1, 5], (2, 2), threshold, trace_source=True)
+    apply_token_reduction(model, "algm", selected_layers=[1, 5], threshold=threshold, trace_source=True)
     with torch.no_grad():
         _, state = model.encoder.forward_tokens(x)
     counts = [int(h.max()) + 1 for h in state.history]
-    apply_token_reduction(model, "algm", [1, 5], (2, 2), threshold)
+    apply_token_reduction(model, "algm", selected_layers=[1, 5], threshold=threshold)
 
     originals = (algm.patch.conditional_pooling, algm.patch.global_merge, MergeState.unmerge)
     algm.patch.conditional_pooling = timer.wrap("CLAP", originals[0])

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import click
 
-from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, variant_token_reduction
+from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options, variant_token_reduction
 from tokred.errors import UsageError
 from tokred.options import Option
 
@@ -174,24 +174,33 @@ def resolve_reduction(
         patch_type, base, from_variant = recorded[0], recorded[1], True
     else:
         patch_type, base, from_variant = fallback, {}, False
-    source = "variant.yml records" if from_variant else "is"
-    request.refuse_flags_outside([patch_type], f"the patch type {source} {patch_type}")
+    source = " (recorded in variant.yml; --patch-type chooses another)" if from_variant else ""
+    request.refuse_flags_outside([patch_type], f"the patch type is {patch_type}{source}")
     return patch_type, request.settings_for(patch_type, base), from_variant
 
 
 def apply_requested_reduction(
     model: Any, request: ReductionRequest, variant: Mapping[str, Any] | None = None,
-    trace_source: bool = False, announce: bool = True,
+    trace_source: bool = False, announce: bool = True, measuring: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Resolve and apply the token reduction a command asked for; returns the patch type and its settings.
 
-    When the settings come from ``variant.yml``, one line on stderr says which are used.
+    When the settings come from ``variant.yml``, one line on stderr says which are used. ``measuring``
+    fixes the options that have a measurement default (a seed) unless given, and says so.
     """
     patch_type, options, from_variant = resolve_reduction(request, variant)
+    fixed: dict[str, Any] = {}
+    if measuring:
+        options, fixed = measurement_options(patch_type, options)
     settings = apply_token_reduction(model, patch_type, trace_source=trace_source, **options)
     if from_variant and announce:
         click.echo(f"note: using the patch type recorded in variant.yml: {patch_type} ({format_settings(settings)}); "
                    "--patch-type chooses another", err=True)
+    if fixed and announce:
+        flags = {f.option.name: f.flag for f in reduction_flags([patch_type])}
+        click.echo("note: " + ", ".join(f"{name} fixed at {value}" for name, value in fixed.items())
+                   + " so that the measurement is reproducible (" + ", ".join(flags[n] for n in fixed)
+                   + " chooses another)", err=True)
     return patch_type, settings
 
 

@@ -87,7 +87,7 @@ def main(**opts: Any) -> None:
     device = resolve_device(opts["device"])
     model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
                                  default_n_cls(opts["dataset"], opts["root"]))
-    patch_type, settings = apply_requested_reduction(model, request, info["variant"])
+    patch_type, settings = apply_requested_reduction(model, request, info["variant"], measuring=True)
     model.to(device)
     loader, data_name = measurement_loader(opts["dataset"], opts["root"], "val", info["crop_size"], info["normalization"],
                                            opts["batch_size"], opts["keep_aspect"], opts["max_images"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segm.data.synthetic import write_layout
+from segm.data.synthetic.write import write_layout
 
 LAYOUTS = ("ade20k", "cityscapes", "pascal_context", "pascal_context_59", "coco_stuff")
 SMALL = {"height": 40, "width": 56}

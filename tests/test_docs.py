@@ -16,7 +16,7 @@ from segm.cli import expand_multi_value_options
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = ["README.md", "TRAINING.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "jobs").glob("*.sbatch"))]
 COMMAND = re.compile(r"-m ((?:segm|algm)\.[\w.]+)([^\n`|;&)]*)")
-FLAG_BUNDLE = re.compile(r"\$\{?(?:REDUCTION|EXTRA)(?::-[^}]*)?\}?")
+FLAG_BUNDLE = re.compile(r"\"?\$\{?(?:REDUCTION|EXTRA|@)(?::-[^}]*)?\}?\"?")
 VARIABLE = re.compile(r"\$\{?\w+(?::-[^}]*)?\}?")
 
 
@@ -42,7 +42,7 @@ def command_of(module: str) -> click.Command:
 
 
 def parse(module: str, argument_string: str) -> None:
-    """Parse like the shell would (variables become '1'; the flag bundles $REDUCTION and $EXTRA, checked
+    """Parse like the shell would (variables become '1'; the flag bundles $REDUCTION, $EXTRA and "$@", checked
     separately, are dropped), then let click parse and validate the arguments."""
     args = FLAG_BUNDLE.sub(" ", argument_string.split("#")[0])
     args = VARIABLE.sub("1", args)

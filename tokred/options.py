@@ -23,7 +23,8 @@ class Option:
     ``nargs`` is how many command-line values it takes (1, 2 or ``"+"`` for one or more); ``value_type``
     the type of each (``int``, ``float``, ``str`` or ``bool`` for an on/off flag); ``flag`` overrides the
     generated ``--<patch-type>-<name>``; ``choices`` restricts a ``str``; ``from_cli`` maps the parsed
-    command-line value to the Python value (default: a 1-value option is its value, others a list).
+    command-line value to the Python value (default: a 1-value option is its value, others a list);
+    ``measure_default``, when set, replaces the default in FLOP counts and benchmarks (a fixed seed).
     """
 
     name: str
@@ -35,6 +36,7 @@ class Option:
     flag: str | None = None
     choices: tuple[str, ...] | None = None
     from_cli: Callable[[Any], Any] | None = None
+    measure_default: Any = None
 
     def cli_value(self, parsed: Any) -> Any:
         """The Python value of what the command line parsed for this option."""
@@ -91,10 +93,12 @@ def boolean(name: str) -> Callable[[Any], bool]:
     return check
 
 
-def one_of(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
-    """A check for one of a few names."""
+def one_of(name: str, choices: Sequence[str], allow_none: bool = False) -> Callable[[Any], str | None]:
+    """A check for one of a few names (or ``None`` when allowed)."""
 
-    def check(value: Any) -> str:
+    def check(value: Any) -> str | None:
+        if value is None and allow_none:
+            return None
         if value not in choices:
             raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         return value

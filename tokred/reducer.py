@@ -86,6 +86,11 @@ class TokenReducer:
         """The module this patch type acts on (the ViT encoder), or a ``UsageError``."""
         return vit_encoder_of(model, cls.name)
 
+    @classmethod
+    def sweep(cls, encoder: nn.Module) -> list[dict[str, Any]]:
+        """Settings of the main knob worth comparing on ``encoder``, mildest first (default: the defaults)."""
+        return [{}]
+
     def prepare(self, encoder: nn.Module) -> None:
         """Check the settings against ``encoder`` (depth, grid) and resolve model-dependent defaults."""
 

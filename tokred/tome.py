@@ -99,6 +99,13 @@ class ToMe(TokenReducer):
                boolean("prop_attn"), value_type=bool),
     )
 
+    @classmethod
+    def sweep(cls, encoder: nn.Module) -> list[dict[str, Any]]:
+        """Constant r removing about 25, 50 and 75 % of the patch tokens over the depth (before the cap)."""
+        gh, gw = encoder.patch_embed.grid_size
+        depth = len(encoder.blocks)
+        return [{"r": max(1, round(share * gh * gw / depth))} for share in (0.25, 0.5, 0.75)]
+
     def prepare(self, encoder: nn.Module) -> None:
         check_prefix(encoder.num_prefix_tokens)
         self.per_block = parse_r(self.config["r"], len(encoder.blocks))
@@ -140,6 +147,11 @@ class ToMeSublayer(TokenReducer):
         Option("ratio", 0.2, "Fraction of all tokens (class token included) merged before each sublayer, in [0, 1).",
                real("ratio", 0.0, 1.0, high_open=True), value_type=float),
     )
+
+    @classmethod
+    def sweep(cls, encoder: nn.Module) -> list[dict[str, Any]]:
+        """Expedite's rows: 20, 30 and 50 % of the tokens merged per sublayer."""
+        return [{"ratio": r} for r in (0.2, 0.3, 0.5)]
 
     def prepare(self, encoder: nn.Module) -> None:
         check_prefix(encoder.num_prefix_tokens)

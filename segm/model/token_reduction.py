@@ -16,11 +16,14 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from algm.patch import ALGM
+from tokred.act import ACT
+from tokred.evit import EViT
+from tokred.expedite import Expedite
 from tokred.reducer import Pure, Registry, install, uninstall
 from tokred.tome import ToMe, ToMeSublayer
 
 PATCH_TYPES = Registry()
-for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer):
+for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer, EViT, ACT, Expedite):
     PATCH_TYPES.register(_patch_type)
 
 VARIANT_KEY = "token_reduction"
@@ -36,6 +39,16 @@ def apply_token_reduction(model: nn.Module, patch_type: str, *, trace_source: bo
     reducer = PATCH_TYPES.create(patch_type, **options)
     install(model, reducer, trace_source=trace_source)
     return reducer.settings()
+
+
+def measurement_options(patch_type: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` with the measurement defaults of the options not given (a fixed seed), and those defaults.
+
+    FLOP counts and benchmarks use them so that a randomised method counts the same every run.
+    """
+    fixed = {o.name: o.measure_default for o in PATCH_TYPES[patch_type].options
+             if o.measure_default is not None and options.get(o.name) is None}
+    return {**options, **fixed}, fixed
 
 
 def remove_token_reduction(model: nn.Module) -> None:

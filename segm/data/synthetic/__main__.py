@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from segm.data.synthetic import DEFAULT_COUNTS, DEFAULT_SIZE, write_layout
+from segm.data.synthetic import DEFAULT_COUNTS, DEFAULT_SIZE
+from segm.data.synthetic.write import write_layout
 
 LAYOUTS = ("ade20k", "cityscapes", "pascal_context", "pascal_context_59", "coco_stuff")
 

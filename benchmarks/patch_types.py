@@ -1,0 +1,94 @@
+"""Every patch type against pure on the same weights: GFLOPs, images/s and how much FLOP saving becomes time.
+
+One model (random weights, default ViT-S/16 + mask transformer at 512), synthetic scenes squashed to the
+crop. GFLOPs are fvcore's per image (the ``segm.flops`` counter) averaged over the timed images; im/s use
+the speedtest protocol (each image repeated ``--repeat`` times per forward), with all points timed
+interleaved on the same images in one run, so the ratios to pure are what matter. ``efficiency =
+speed-up x FLOPs ratio``: 1.0 means every FLOP saved became time saved.
+
+    python benchmarks/patch_types.py [--point tome:r=8 --point tome_sublayer:ratio=0.3 ...] [--out FILE.md]
+
+A point is ``NAME`` or ``NAME:key=value,key=value`` (values in YAML, e.g. ``algm:selected_layers=[1, 5]``);
+without ``--point`` every registered patch type runs at its defaults. Randomised options take their
+measurement default (ACT's seed 0), shown in the settings column.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+import torch
+import yaml
+
+from segm.measure import flop_analysis, measured_model, measurement_loader
+from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options
+from segm.speedtest import batches, measure
+
+from report import emit
+
+
+def parse_point(text: str) -> tuple[str, str, dict]:
+    """``"tome:r=8"`` -> (label, patch type, options)."""
+    name, _, rest = text.partition(":")
+    options = yaml.safe_load("{" + rest.replace("=", ": ") + "}") if rest else {}
+    return text, name, options
+
+
+@click.command()
+@click.option("--backbone", default="vit_small_patch16_384", show_default=True)
+@click.option("--crop", default=512, show_default=True)
+@click.option("--point", "points", multiple=True, help="A patch type and its options, e.g. tome:r=8 (repeatable).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--repeat", type=int, default=None, help="Copies per forward (default: 32 on GPU, 2 on CPU).")
+@click.option("--warmup", type=int, default=None, help="Untimed forwards (default: 20 on GPU, 2 on CPU).")
+@click.option("--iters", type=int, default=None, help="Timed forwards per point (default: 100 on GPU, 6 on CPU).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the table here.")
+def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat: int | None, warmup: int | None,
+         iters: int | None, out: Path | None) -> None:
+    """Benchmark patch types against the pure model on one backbone with random weights."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    repeat = repeat or (32 if gpu else 2)
+    warmup = warmup if warmup is not None else (20 if gpu else 2)
+    iters = iters or (100 if gpu else 6)
+    chosen = [parse_point(p) for p in points] or [(name, name, {}) for name in PATCH_TYPES]
+    chosen = [(label, name, measurement_options(name, options)[0]) for label, name, options in chosen]
+    if all(name != "pure" for _, name, _ in chosen):
+        chosen.insert(0, ("pure", "pure", {}))
+    model, info = measured_model(None, backbone, "mask_transformer", crop, 150)
+    loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters)
+    timed_images = list(batches(loader, warmup + iters))[warmup:]
+    setups, gflops, settings = {}, {}, {}
+    with torch.no_grad():
+        for label, name, options in chosen:
+            settings[label] = apply_token_reduction(model, name, **options)
+            gflops[label] = statistics.mean(flop_analysis(model, x).total() / 1e9 for x in timed_images)
+            setups[label] = lambda name=name, options=options: apply_token_reduction(model, name, **options)
+    model.to(dev)
+    times = measure(model, loader, dev, repeat, warmup, iters, nullcontext, False, setups, show_progress=False)
+    fps = {label: repeat / statistics.mean(t) for label, t in times.items()}
+    base = next(label for label, name, _ in chosen if name == "pure")
+    cpu = platform.processor() or platform.machine()
+    card = torch.cuda.get_device_name(dev) if gpu else f"{cpu}, {torch.get_num_threads()} CPU threads"
+    lines = [
+        f"{backbone} + mask transformer at {crop}x{crop}, random weights, synthetic scenes squashed to the crop, "
+        f"150 classes; device {device} ({card}, torch {torch.__version__}); batch = 1 image x {repeat} copies, "
+        f"{warmup} warm-up and {iters} timed forwards per point, all points interleaved, fp32.",
+        "",
+        "| patch type | settings | GFLOPs | FLOPs ratio | im/s | speed-up | efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, name, _ in chosen:
+        ratio, speedup = gflops[label] / gflops[base], fps[label] / fps[base]
+        shown = ", ".join(f"{k}={v}" for k, v in settings[label].items())
+        lines.append(f"| {name} | {shown} | {gflops[label]:.2f} | {ratio:.3f} | {fps[label]:.2f} | {speedup:.3f} | "
+                     f"{speedup * ratio:.3f} |")
+    emit("\n".join(lines), out)
+
+
+if __name__ == "__main__":
+    main()
