@@ -30,13 +30,17 @@ from segm.utils.progress import progress
 from segm.measure import default_n_cls, flop_analysis, measured_model, measurement_loader, measurement_options
 
 
-def breakdown(analysis, n_blocks: int) -> dict[str, float]:
+def breakdown(analysis, model: nn.Module) -> dict[str, float]:
     """FLOPs per stage. Attention runs fused, so the ``matmul`` ops inside encoder blocks are the products a
-    patch type adds (similarities, scores, hashes): they are reported as token reduction. The remainder
-    is upsampling (and pos-embed resizing)."""
+    patch type adds (similarities, scores, hashes): they are reported as token reduction. Parts of the
+    model beside encoder and decoder (CTS's policy network) have their own line. The remainder is
+    upsampling (and pos-embed resizing)."""
     modules = analysis.by_module()
     operators = analysis.by_module_and_operator()
-    rows = {"patch embed": modules.get("encoder.patch_embed", 0)}
+    rows = {name.replace("_", " "): modules.get(name, 0) for name, _ in model.named_children()
+            if name not in ("encoder", "decoder")}
+    rows["patch embed"] = modules.get("encoder.patch_embed", 0)
+    n_blocks = len(model.encoder.blocks)
     reduction = 0
     for i in range(n_blocks):
         name = f"encoder.blocks.{i}"
@@ -100,7 +104,7 @@ def main(**opts: Any) -> None:
             analysis = flop_analysis(model, x)
             per_image.append(analysis.total() / 1e9 / x.shape[0])
             if opts["show_breakdown"]:
-                for stage, flops in breakdown(analysis, len(model.encoder.blocks)).items():
+                for stage, flops in breakdown(analysis, model).items():
                     stages[stage].append(flops / 1e9 / x.shape[0])
                 tokens.append(block_tokens(model, x))
     gflops = statistics.mean(per_image)

@@ -33,7 +33,16 @@ from segm.cli import (
 from segm.config import dataset_config
 from segm.data import create_dataset, create_loader, per_process_batch_size
 from segm.engine import NonFiniteLossError, autocast_context, evaluate, train_one_epoch
-from segm.model.factory import check_state_dict, create_segmenter, load_variant, net_kwargs_for, read_checkpoint, to_float32
+from segm.model.factory import (
+    POLICY_METHODS,
+    check_state_dict,
+    create_segmenter,
+    load_policy_weights,
+    load_variant,
+    net_kwargs_for,
+    read_checkpoint,
+    to_float32,
+)
 from segm.model.token_reduction import variant_entry
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils import distributed
@@ -59,6 +68,9 @@ def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
         opts["backbone"], opts["decoder"], n_cls=0, crop_size=crop_size, dropout=opts["dropout"],
         drop_path_rate=opts["drop_path"], normalization=opts["normalization"],
     )
+    if opts["policy_method"] or opts["policynet_ckpt"]:
+        net["policy_method"] = opts["policy_method"] or "policy_net"
+        net["policynet_ckpt"] = str(opts["policynet_ckpt"]) if opts["policynet_ckpt"] else None
     return {
         "world_batch_size": world_batch,
         "version": "normal",
@@ -158,6 +170,10 @@ def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] 
 @click.option("--no-pretrained", is_flag=True, default=False, help="Random encoder initialisation.")
 @click.option("--finetune", type=click.Path(path_type=Path), default=None,
               help="Start from the weights of this checkpoint (e.g. a trained pure model), at epoch 0.")
+@click.option("--policy-method", type=click.Choice(POLICY_METHODS), default=None,
+              help="CTS: build the model with a policy network (policy_net; implied by --policynet-ckpt).")
+@click.option("--policynet-ckpt", type=click.Path(path_type=Path), default=None,
+              help="CTS: trained policy network (python -m segm.policy.train) loaded into the model; it gets no gradient.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=int, default=4, show_default=True, help="Data-loading processes per GPU.")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of each split (quick checks).")
@@ -213,9 +229,13 @@ def train(opts: dict[str, Any], request: ReductionRequest, env: distributed.Dist
     for name in ("head", "head_dist"):
         if hasattr(model.encoder, name):
             getattr(model.encoder, name).requires_grad_(False)
+    if model.policy_net is not None:
+        prepare_policy_net(model.policy_net, opts["policynet_ckpt"], from_checkpoint=resuming or bool(opts["finetune"]))
     saved = load_variant(log_dir / "variant.yml") if resuming and (log_dir / "variant.yml").is_file() else None
     patch_type, settings = apply_requested_reduction(model, request, saved, announce=main_process)
     variant["token_reduction"] = variant_entry(patch_type, settings)
+    if model.policy_schedule is not None:
+        variant["net_kwargs"]["policy_schedule"] = list(model.policy_schedule)
     model.to(device)
 
     optimizer = create_optimizer(model, optim_kwargs["opt"], optim_kwargs["lr"], optim_kwargs["weight_decay"], optim_kwargs["momentum"])
@@ -288,6 +308,20 @@ def train(opts: dict[str, Any], request: ReductionRequest, env: distributed.Dist
         if main_process:
             click.echo(f"Weights identical on all {env.world_size} processes")
     distributed.barrier()
+
+
+def prepare_policy_net(policy_net: torch.nn.Module, path: Path | None, from_checkpoint: bool) -> None:
+    """CTS's policy network trains with the Segmenter but gets no gradient: frozen, loaded from ``path``.
+
+    Its weights come from ``--policynet-ckpt`` unless a checkpoint (resume, fine-tuning) provides them.
+    """
+    policy_net.requires_grad_(False)
+    if from_checkpoint:
+        return
+    if path is None:
+        raise UsageError("--policy-method policy_net needs the trained policy network: --policynet-ckpt PATH "
+                         "(train one with python -m segm.policy.train)")
+    load_policy_weights(policy_net, path)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -381,7 +381,8 @@ def test_trace_source_history_and_source_matrix():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    model = perturb_(create_segmenter(tiny_net_kwargs())).eval()
+    net = {**tiny_net_kwargs(), "policy_method": "policy_net", "policy_schedule": (8, 2)}  # every type applies (CTS too)
+    model = perturb_(create_segmenter(net)).eval()
     im = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         pure = model(im)

@@ -91,8 +91,15 @@ class TokenReducer:
         """Settings of the main knob worth comparing on ``encoder``, mildest first (default: the defaults)."""
         return [{}]
 
+    def bind(self, model: nn.Module) -> None:
+        """Keep what the method needs from the whole model, beyond its target (default: nothing)."""
+
     def prepare(self, encoder: nn.Module) -> None:
         """Check the settings against ``encoder`` (depth, grid) and resolve model-dependent defaults."""
+
+    def input_multiple(self, encoder: nn.Module) -> int:
+        """Inputs are padded to a multiple of this (default: the patch size)."""
+        return encoder.patch_size
 
     def apply(self, encoder: nn.Module) -> None:
         """Install the block overrides; ``encoder`` holds no other reduction at this point."""
@@ -175,6 +182,7 @@ def install(model: nn.Module, reducer: TokenReducer, trace_source: bool = False)
     model as it was.
     """
     target = reducer.target(model)
+    reducer.bind(model)
     reducer.prepare(target)
     reducer.trace_source = bool(trace_source)
     target.reducer.remove(target)

@@ -80,15 +80,26 @@ class MergeState:
         grid: tuple[int, int],
         prop_attn: bool = False,
         trace_source: bool = False,
+        index: torch.Tensor | None = None,
+        size: torch.Tensor | None = None,
     ) -> "MergeState":
-        """The state of an unreduced sequence ``x`` = ``[prefix tokens, gh*gw patches in raster order]``."""
+        """The state of the sequence ``x`` entering the first block.
+
+        By default ``x`` is ``[prefix tokens, gh*gw patches in raster order]``; a method that builds its
+        own input tokens gives their patch -> row map ``index`` (B, N) and their ``size`` (B, T, 1).
+        """
         B, T, _ = x.shape
         n_patches = grid[0] * grid[1]
-        if T != n_prefix + n_patches:
+        if index is None and T != n_prefix + n_patches:
             raise UsageError(f"{T} tokens do not match {n_prefix} prefix tokens and a {grid[0]}x{grid[1]} grid")
-        index = torch.arange(n_prefix, T, device=x.device).expand(B, -1)
-        size = torch.ones(B, T, 1, device=x.device, dtype=torch.float32)
-        return cls(size, index, n_prefix, tuple(grid), bool(prop_attn), bool(trace_source))
+        state = cls(
+            torch.ones(B, T, 1, device=x.device, dtype=torch.float32) if size is None else size,
+            torch.arange(n_prefix, T, device=x.device).expand(B, -1) if index is None else index,
+            n_prefix, tuple(grid), bool(prop_attn), bool(trace_source),
+        )
+        if index is not None:
+            state._record()
+        return state
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ import yaml
 
 from segm.config import backbone_config, decoder_config, known_names
 from segm.model.decoder import DecoderLinear, MaskTransformer
+from segm.model.policy_net import PolicyNet
 from segm.model.segmenter import Segmenter
 from segm.model.vit import VisionTransformer, resize_pos_embed
 from tokred.errors import UsageError
@@ -37,7 +38,9 @@ TIMM_PRETRAINED = {
 }
 
 ENCODER_KEYS = ("image_size", "patch_size", "n_layers", "d_model", "n_heads", "dropout", "drop_path_rate", "distilled")
-NET_KEYS = set(ENCODER_KEYS) | {"backbone", "normalization", "n_cls", "decoder", "d_ff"}
+POLICY_KEYS = ("policy_method", "policy_schedule", "policynet_ckpt")  # CTS's net_kwargs
+POLICY_METHODS = ("policy_net", "no_sharing")
+NET_KEYS = set(ENCODER_KEYS) | set(POLICY_KEYS) | {"backbone", "normalization", "n_cls", "decoder", "d_ff"}
 
 
 def net_kwargs_for(
@@ -105,20 +108,48 @@ def create_decoder(encoder: VisionTransformer, decoder_cfg: Mapping[str, Any]) -
     )
 
 
+def create_policy_net(net_kwargs: Mapping[str, Any]) -> tuple[PolicyNet | None, tuple[int, int] | None]:
+    """CTS's policy network (random weights) when ``net_kwargs`` asks for one, and its token schedule.
+
+    ``policynet_ckpt`` is the training-time path of the policy weights; it is not read here (a
+    checkpoint holds the policy weights, and the path usually does not exist where a model is loaded).
+    """
+    method = net_kwargs.get("policy_method")
+    if method is not None and method not in POLICY_METHODS:
+        raise UsageError(f"unknown policy_method '{method}'; known: {', '.join(POLICY_METHODS)}")
+    schedule = net_kwargs.get("policy_schedule")
+    schedule = tuple(int(v) for v in schedule) if schedule is not None else None
+    return (PolicyNet() if method == "policy_net" else None), schedule
+
+
 def create_segmenter(net_kwargs: Mapping[str, Any], pretrained: bool | str | Path = False) -> Segmenter:
     """A Segmenter from a variant's ``net_kwargs``; the argument is not modified.
 
     ``pretrained``: ``False`` (random initialisation), ``True`` (timm hub ImageNet weights of the backbone)
-    or a path to a local weight file for the encoder.
+    or a path to a local weight file for the encoder. With ``policy_method: policy_net`` (CTS) the model
+    holds a policy network too.
     """
     cfg = copy.deepcopy(dict(net_kwargs))
     decoder_cfg = cfg.pop("decoder")
     decoder_cfg.setdefault("n_cls", cfg["n_cls"])
-    encoder = create_vit(cfg)
+    policy_net, schedule = create_policy_net(cfg)
+    encoder = create_vit({k: v for k, v in cfg.items() if k not in POLICY_KEYS})
     if pretrained:
         load_pretrained_encoder(encoder, cfg["backbone"], pretrained)
     decoder = create_decoder(encoder, decoder_cfg)
-    return Segmenter(encoder, decoder, n_cls=cfg["n_cls"])
+    return Segmenter(encoder, decoder, n_cls=cfg["n_cls"], policy_net=policy_net, policy_schedule=schedule)
+
+
+def load_policy_weights(policy_net: PolicyNet, path: str | Path) -> None:
+    """Load a trained policy network (``policynet.pth``, CTS's ``model.pth`` or ``{"model": ...}``) strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"policy network checkpoint not found: {path}")
+    data = read_checkpoint(path)
+    state = data["model"] if isinstance(data, dict) and "model" in data else data
+    state = _strip_prefix(_strip_prefix(state, "module."), "policy_net.")
+    check_state_dict(policy_net, state, f"policy network checkpoint {path}")
+    policy_net.load_state_dict(to_float32(state), strict=True)
 
 
 class _VariantLoader(yaml.SafeLoader):

@@ -17,13 +17,14 @@ import torch.nn as nn
 
 from algm.patch import ALGM
 from tokred.act import ACT
+from tokred.cts import TokenSharing
 from tokred.evit import EViT
 from tokred.expedite import Expedite
 from tokred.reducer import Pure, Registry, install, uninstall
 from tokred.tome import ToMe, ToMeSublayer
 
 PATCH_TYPES = Registry()
-for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer, EViT, ACT, Expedite):
+for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer, EViT, ACT, Expedite, TokenSharing):
     PATCH_TYPES.register(_patch_type)
 
 VARIANT_KEY = "token_reduction"

@@ -167,17 +167,20 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, self.patch_embed.grid_size, grid, self.num_prefix_tokens)
 
+    def prefix_tokens(self, batch: int) -> torch.Tensor:
+        """The class (and distillation) tokens of a batch, (B, num_prefix_tokens, D), before position embedding."""
+        prefix = [self.cls_token.expand(batch, -1, -1)]
+        if self.distilled:
+            prefix.append(self.dist_token.expand(batch, -1, -1))
+        return torch.cat(prefix, dim=1)
+
     def embed(self, im: torch.Tensor) -> torch.Tensor:
         """Patch tokens with the prefix tokens prepended and the position embedding added."""
         B, _, H, W = im.shape
         P = self.patch_size
         if H % P or W % P:
             raise UsageError(f"input size {H}x{W} is not a multiple of the patch size {P}; pad it first")
-        x = self.patch_embed(im)
-        prefix = [self.cls_token.expand(B, -1, -1)]
-        if self.distilled:
-            prefix.append(self.dist_token.expand(B, -1, -1))
-        x = torch.cat(prefix + [x], dim=1)
+        x = torch.cat([self.prefix_tokens(B), self.patch_embed(im)], dim=1)
         return self.dropout(x + self.pos_embed_for((H // P, W // P)))
 
     def forward_tokens(self, im: torch.Tensor) -> tuple[torch.Tensor, MergeState]:
