@@ -46,7 +46,7 @@ from segm.model.factory import (
 from segm.model.token_reduction import variant_entry
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils import distributed
-from segm.utils.checkpoint import rng_states, save_atomic, set_rng_states
+from segm.utils.checkpoint import gather_rng_states, prepare_log_dir, save_atomic, set_rng_states
 from tokred.errors import UsageError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -114,17 +114,6 @@ def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
             "window_stride": pick("window_stride", ds.get("window_stride", im_size)),
         },
     }
-
-
-def prepare_log_dir(log_dir: Path) -> None:
-    """Create ``log_dir`` and make sure files can be written there."""
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        probe = log_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"--log-dir {log_dir} is not writable ({err.strerror}); choose another folder") from None
 
 
 def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] | None) -> None:
@@ -332,15 +321,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     state = data["model"] if "model" in data else data
     check_state_dict(model, state, str(path))
     model.load_state_dict(to_float32(state))
-
-
-def gather_rng_states(env: distributed.DistEnv) -> list[Any]:
-    """Random states of every process (index = rank), for an exact resume."""
-    if not env.distributed:
-        return [rng_states()]
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, rng_states())
-    return states
 
 
 def resume(checkpoint_path: Path, best_path: Path, model, optimizer, scheduler, scaler, env, log_dir: Path):

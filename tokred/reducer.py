@@ -135,10 +135,14 @@ class TokenReducer:
 
 
 class Pure(TokenReducer):
-    """No token reduction: every block is a plain timm block on every patch token."""
+    """No token reduction: every block is a plain block on every token, in any model family."""
 
     name = "pure"
     summary = "no token reduction"
+
+    @classmethod
+    def target(cls, model: nn.Module) -> nn.Module:
+        return reducer_host(model)
 
 
 class Registry(Mapping):
@@ -192,10 +196,16 @@ def install(model: nn.Module, reducer: TokenReducer, trace_source: bool = False)
     return target
 
 
+def reducer_host(model: nn.Module) -> nn.Module:
+    """The module holding a model's reducer: its ViT encoder, its MiT backbone, or the module itself."""
+    for candidate in (getattr(model, "encoder", None), getattr(model, "backbone", None), model):
+        if candidate is not None and hasattr(candidate, "reducer"):
+            return candidate
+    raise UsageError(f"{type(model).__name__} holds no token reduction")
+
+
 def uninstall(model: nn.Module) -> None:
-    """Remove whatever reduction ``model`` (or its encoder) holds."""
-    target = getattr(model, "encoder", model)
-    if not hasattr(target, "reducer"):
-        raise UsageError(f"{type(model).__name__} holds no token reduction to remove")
+    """Remove whatever reduction ``model`` (or its encoder / backbone) holds."""
+    target = reducer_host(model)
     target.reducer.remove(target)
     target.reducer = Pure()

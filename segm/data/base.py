@@ -173,7 +173,8 @@ class SegmentationDataset(Dataset):
             )
         return mapped
 
-    def _resolve(self, key: int | tuple[int, int]) -> tuple[int, int]:
+    def resolve(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """``(index, sample_seed)`` of an item key: a bare index (seed derived) or a sampler's pair."""
         if isinstance(key, (tuple, list)):
             index, sample_seed = (int(k) for k in key)
         else:
@@ -184,7 +185,7 @@ class SegmentationDataset(Dataset):
         return index, sample_seed
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, sample_seed = self._resolve(key)
+        index, sample_seed = self.resolve(key)
         image, label = self.image(index), self.label(index)
         if image.shape[:2] != label.shape:
             raise DatasetError(

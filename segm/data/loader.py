@@ -145,6 +145,17 @@ def _process_group() -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
+def loader_settings(num_workers: int, seed: int, rank: int, pin_memory: bool) -> dict[str, Any]:
+    """DataLoader settings every loader of the project shares: seeded, persistent workers."""
+    return {
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "worker_init_fn": seed_worker,
+        "generator": torch.Generator().manual_seed(derive_seed(seed, rank)),
+        "persistent_workers": num_workers > 0,
+    }
+
+
 def create_loader(dataset: SegmentationDataset, batch_size: int, *, num_workers: int = 0, distributed: bool = False,
                   shuffle: bool | None = None, seed: int = 0, drop_last: bool = False,
                   pin_memory: bool | None = None) -> SegmentationLoader:
@@ -173,11 +184,7 @@ def create_loader(dataset: SegmentationDataset, batch_size: int, *, num_workers:
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
-        num_workers=num_workers,
         collate_fn=collate,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
-        persistent_workers=num_workers > 0,
+        **loader_settings(num_workers, seed, rank, torch.cuda.is_available() if pin_memory is None else pin_memory),
     )

@@ -20,11 +20,12 @@ from tokred.act import ACT
 from tokred.cts import TokenSharing
 from tokred.evit import EViT
 from tokred.expedite import Expedite
-from tokred.reducer import Pure, Registry, install, uninstall
+from tokred.segformerpp import SegFormerPP
+from tokred.reducer import Pure, Registry, install, reducer_host, uninstall
 from tokred.tome import ToMe, ToMeSublayer
 
 PATCH_TYPES = Registry()
-for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer, EViT, ACT, Expedite, TokenSharing):
+for _patch_type in (Pure, ALGM, ToMe, ToMeSublayer, EViT, ACT, Expedite, TokenSharing, SegFormerPP):
     PATCH_TYPES.register(_patch_type)
 
 VARIANT_KEY = "token_reduction"
@@ -59,7 +60,7 @@ def remove_token_reduction(model: nn.Module) -> None:
 
 def applied_token_reduction(model: nn.Module) -> tuple[str, dict[str, Any]]:
     """The patch type applied to ``model`` and its settings (``("pure", {})`` when none)."""
-    reducer = getattr(model, "encoder", model).reducer
+    reducer = reducer_host(model).reducer
     return reducer.name, reducer.settings()
 
 

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoint files: written to a temporary file in the same folder, flushed, then renamed."""
+"""Crash-safe checkpoint files (written to a temporary file in the same folder, flushed, then renamed),
+the random states an exact resume restores, and the run folder they go to."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from segm.utils import distributed
+from tokred.errors import UsageError
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -50,3 +54,23 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_rng_states(env: distributed.DistEnv) -> list[Any]:
+    """Random states of every process (index = rank), for an exact resume."""
+    if not env.distributed:
+        return [rng_states()]
+    states: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(states, rng_states())
+    return states
+
+
+def prepare_log_dir(log_dir: Path) -> None:
+    """Create ``log_dir`` and make sure files can be written there."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        probe = log_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--log-dir {log_dir} is not writable ({err.strerror}); choose another folder") from None
