@@ -56,7 +56,7 @@ def main(model_path: Path, dataset: str, **opts: Any) -> None:
     if opts["merging_window_size"] is not None:
         asked["window_size"] = tuple(opts["merging_window_size"])
     algm = ALGM(**asked)
-    algm.prepare(model.encoder)
+    algm.prepare(ALGM.target(model))
     selected, window = algm.config["selected_layers"], algm.config["window_size"]
     stats = collect_similarities(model, progress(loader, desc="calibrate"), window, device)
     click.echo(f"{len(loader.dataset)} {opts['split']} images of {data_name}, window {window[0]}x{window[1]}")

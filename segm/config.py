@@ -21,11 +21,6 @@ def _read_config() -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def load_config() -> dict[str, Any]:
-    """Return a private copy of the whole configuration (callers may mutate it freely)."""
-    return copy.deepcopy(_read_config())
-
-
 def _section_entry(section: str, name: str, what: str) -> dict[str, Any]:
     entries = _read_config()[section]
     if name not in entries:
@@ -47,6 +42,24 @@ def decoder_config(name: str) -> dict[str, Any]:
 def dataset_config(name: str) -> dict[str, Any]:
     """Training and evaluation defaults of a dataset key (epochs, world batch size, sizes, ...)."""
     return _section_entry("dataset", name, "dataset")
+
+
+def backbone_family(name: str) -> str:
+    """The model family of a backbone: ``vit`` (Segmenter) or ``mit`` (SegFormer)."""
+    return backbone_config(name).get("family", "vit")
+
+
+def family_overrides(backbone: str, dataset: str) -> dict[str, Any]:
+    """The sizes a backbone's family sets for a dataset (empty when the dataset's own apply)."""
+    return copy.deepcopy(_read_config()["family_training"][backbone_family(backbone)].get(dataset, {}))
+
+
+def training_defaults(backbone: str, dataset: str) -> dict[str, Any]:
+    """The dataset's defaults with its backbone family's optimizer settings and size overrides on top."""
+    defaults = dataset_config(dataset)
+    defaults.update(family_overrides(backbone, dataset))
+    defaults.update(copy.deepcopy(_read_config()["family_training"][backbone_family(backbone)]["optimizer"]))
+    return defaults
 
 
 def known_names(section: str) -> list[str]:

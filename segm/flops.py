@@ -30,6 +30,23 @@ from segm.utils.progress import progress
 from segm.measure import default_n_cls, flop_analysis, measured_model, measurement_loader, measurement_options
 
 
+MAIN_PARTS = ("encoder", "decoder", "backbone", "decode_head")
+
+
+def encoder_parts(model: nn.Module) -> list[tuple[str, str, bool]]:
+    """``(label, module path, is a block)`` of the encoder in order: a ViT's patch embedding, blocks and norm,
+    or, per stage of a MiT, its patch embedding, blocks and norm."""
+    if hasattr(model, "encoder"):
+        blocks = [(f"encoder block {i + 1}", f"encoder.blocks.{i}", True) for i in range(len(model.encoder.blocks))]
+        return [("patch embed", "encoder.patch_embed", False), *blocks, ("encoder norm", "encoder.norm", False)]
+    parts = []
+    for s, stage in enumerate(model.backbone.layers):
+        parts.append((f"stage {s + 1} patch embed", f"backbone.layers.{s}.0", False))
+        parts += [(f"stage {s + 1} block {j + 1}", f"backbone.layers.{s}.1.{j}", True) for j in range(len(stage[1]))]
+        parts.append((f"stage {s + 1} norm", f"backbone.layers.{s}.2", False))
+    return parts
+
+
 def breakdown(analysis, model: nn.Module) -> dict[str, float]:
     """FLOPs per stage. Attention runs fused, so the ``matmul`` ops inside encoder blocks are the products a
     patch type adds (similarities, scores, hashes): they are reported as token reduction. Parts of the
@@ -37,42 +54,45 @@ def breakdown(analysis, model: nn.Module) -> dict[str, float]:
     upsampling (and pos-embed resizing)."""
     modules = analysis.by_module()
     operators = analysis.by_module_and_operator()
-    rows = {name.replace("_", " "): modules.get(name, 0) for name, _ in model.named_children()
-            if name not in ("encoder", "decoder")}
-    rows["patch embed"] = modules.get("encoder.patch_embed", 0)
-    n_blocks = len(model.encoder.blocks)
+    rows = {name.replace("_", " "): modules.get(name, 0) for name, _ in model.named_children() if name not in MAIN_PARTS}
     reduction = 0
-    for i in range(n_blocks):
-        name = f"encoder.blocks.{i}"
-        extra = operators.get(name, {}).get("matmul", 0)
+    for label, path, is_block in encoder_parts(model):
+        extra = operators.get(path, {}).get("matmul", 0) if is_block else 0
         reduction += extra
-        rows[f"encoder block {i + 1}"] = modules.get(name, 0) - extra
-    rows["encoder norm"] = modules.get("encoder.norm", 0)
-    rows["decoder"] = modules.get("decoder", 0)
+        rows[label] = modules.get(path, 0) - extra
+    rows["decoder"] = modules.get("decoder", modules.get("decode_head", 0))
     rows["token reduction (similarities, scores)"] = reduction
     rows["upsampling and the rest"] = analysis.total() - sum(rows.values())
     return rows
 
 
-def block_tokens(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Tokens entering each encoder block, its attention projections and its MLP, for input ``x``."""
-    counts: dict[tuple[int, str], int] = {}
+def block_tokens(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Per block label, the tokens entering it, its attention's queries and keys (ViT: its attention
+    projections) and its MLP, for input ``x``."""
+    counts: dict[str, list[int]] = {}
 
-    def count(i: int, part: str):
-        return lambda module, args: counts.__setitem__((i, part), args[0].shape[1])
+    def count(label: str, slot: int, arg: int = 0):
+        return lambda module, args: counts.setdefault(label, [0, 0, 0]).__setitem__(slot, args[arg].shape[1])
 
     hooks = []
-    for i, block in enumerate(model.encoder.blocks):
-        hooks += [block.register_forward_pre_hook(count(i, "block")),
-                  block.attn.qkv.register_forward_pre_hook(count(i, "attn")),
-                  block.mlp.register_forward_pre_hook(count(i, "mlp"))]
+    for label, path, is_block in encoder_parts(model):
+        if not is_block:
+            continue
+        block = model.get_submodule(path)
+        hooks.append(block.register_forward_pre_hook(count(label, 0)))
+        if hasattr(model, "encoder"):
+            hooks += [block.attn.qkv.register_forward_pre_hook(count(label, 1)),
+                      block.mlp.register_forward_pre_hook(count(label, 2))]
+        else:
+            hooks += [block.attn.attn.register_forward_pre_hook(count(label, 1, 0)),
+                      block.attn.attn.register_forward_pre_hook(count(label, 2, 1))]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
-    return [(counts[(i, "block")], counts[(i, "attn")], counts[(i, "mlp")]) for i in range(len(model.encoder.blocks))]
+    return {label: tuple(c) for label, c in counts.items()}
 
 
 @click.command(cls=Command)
@@ -97,7 +117,7 @@ def main(**opts: Any) -> None:
                                            opts["batch_size"], opts["keep_aspect"], opts["max_images"])
     per_image: list[float] = []
     stages: dict[str, list[float]] = defaultdict(list)
-    tokens: list[list[int]] = []
+    tokens: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     with torch.no_grad():
         for batch in progress(loader, leave=False):
             x = batch.to(device)
@@ -106,16 +126,15 @@ def main(**opts: Any) -> None:
             if opts["show_breakdown"]:
                 for stage, flops in breakdown(analysis, model).items():
                     stages[stage].append(flops / 1e9 / x.shape[0])
-                tokens.append(block_tokens(model, x))
+                for label, counts in block_tokens(model, x).items():
+                    tokens[label].append(counts)
     gflops = statistics.mean(per_image)
     if opts["show_breakdown"]:
-        mean_tokens = [[statistics.mean(v) for v in zip(*per_block)] for per_block in zip(*tokens)]
-        click.echo("| stage | tokens (block / attention / MLP) | GFLOPs |")
+        columns = "block / attention / MLP" if hasattr(model, "encoder") else "block / queries / keys"
+        click.echo(f"| stage | tokens ({columns}) | GFLOPs |")
         click.echo("|---|---|---|")
         for stage, values in stages.items():
-            n = ""
-            if stage.startswith("encoder block"):
-                n = " / ".join(f"{c:.1f}" for c in mean_tokens[int(stage.split()[-1]) - 1])
+            n = " / ".join(f"{statistics.mean(c):.1f}" for c in zip(*tokens[stage])) if stage in tokens else ""
             click.echo(f"| {stage} | {n} | {statistics.mean(values):.4f} |")
     click.echo(json.dumps({"model": info["source"], "data": data_name, "images": len(per_image) * opts["batch_size"],
                            "patch_type": patch_type, "settings": settings, "gflops": round(gflops, 4)}))

@@ -22,12 +22,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from segm.cli import compose, device_option, root_option
 from segm.data import STATS, create_dataset, dataset_info
-from segm.model.factory import create_segmenter, load_model, net_kwargs_for, variant_crop_size, variant_normalization
+from segm.config import backbone_family
+from segm.model.factory import (
+    DECODERS,
+    DECODERS_BY_FAMILY,
+    create_segmenter,
+    load_model,
+    net_kwargs_for,
+    variant_crop_size,
+    variant_normalization,
+)
 from tokred.errors import UsageError
 
 
 def measured_model(
-    model_dir: Path | None, backbone: str | None, decoder: str, crop_size: int | None, n_cls: int
+    model_dir: Path | None, backbone: str | None, decoder: str | None, crop_size: int | None, n_cls: int
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model to measure, in eval mode, and its ``crop_size`` / ``normalization`` / ``variant``.
 
@@ -44,6 +53,7 @@ def measured_model(
     if backbone is None:
         raise UsageError("give --model-dir (a trained model) or --backbone (random weights)")
     crop = crop_size or 512
+    decoder = decoder or DECODERS_BY_FAMILY[backbone_family(backbone)][-1]
     net = net_kwargs_for(backbone, decoder, n_cls=n_cls, crop_size=crop)
     torch.manual_seed(0)
     model = create_segmenter(net).eval()
@@ -134,8 +144,8 @@ measurement_options: Callable = compose(
                  help="Dataset whose validation images are used (synthetic scenes without $DATASET)."),
     root_option,
     click.option("--backbone", type=str, default=None, help="Backbone for random weights (without --model-dir)."),
-    click.option("--decoder", type=click.Choice(["linear", "mask_transformer"]), default="mask_transformer",
-                 show_default=True, help="Decoder for random weights."),
+    click.option("--decoder", type=click.Choice(DECODERS), default=None,
+                 help="Decoder for random weights (default: mask_transformer for ViT backbones, segformer for MiT)."),
     click.option("--crop-size", type=int, default=None, help="Input size for random weights (default 512)."),
     click.option("--batch-size", type=int, default=1, show_default=True),
     click.option("--keep-aspect", is_flag=True, default=False,

@@ -30,10 +30,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """timm's optimizer ``opt`` (``sgd``: Nesterov momentum) over :func:`parameter_groups`."""
-    return create_optimizer_v2(parameter_groups(model, weight_decay), opt=opt, lr=lr, weight_decay=weight_decay,
-                               momentum=momentum)
+def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                     head_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """timm's optimizer ``opt`` (``sgd``: Nesterov momentum) over the model's parameter groups.
+
+    A model with its own ``parameter_groups(weight_decay, head_lr_mult)`` (SegFormer: mmseg's rules) gives
+    them, with an ``lr_mult`` per group; others use :func:`parameter_groups`.
+    """
+    if hasattr(model, "parameter_groups"):
+        groups = model.parameter_groups(weight_decay, head_lr_mult)
+    else:
+        groups = parameter_groups(model, weight_decay)
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_mult", 1.0)
+    return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 class PolynomialLR(LRScheduler):

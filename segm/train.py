@@ -30,20 +30,12 @@ from segm.cli import (
     root_option,
     token_reduction_options,
 )
-from segm.config import dataset_config
-from segm.data import create_dataset, create_loader, per_process_batch_size
+from segm.config import training_defaults
+from segm.data import STATS, create_dataset, create_loader, per_process_batch_size
 from segm.engine import NonFiniteLossError, autocast_context, evaluate, train_one_epoch
-from segm.model.factory import (
-    POLICY_METHODS,
-    check_state_dict,
-    create_segmenter,
-    load_policy_weights,
-    load_variant,
-    net_kwargs_for,
-    read_checkpoint,
-    to_float32,
-)
+from segm.model.factory import POLICY_METHODS, create_segmenter, load_policy_weights, load_variant, net_kwargs_for
 from segm.model.token_reduction import variant_entry
+from segm.model.weights import check_state_dict, read_checkpoint, to_float32
 from segm.optim import PolynomialLR, create_optimizer
 from segm.utils import distributed
 from segm.utils.checkpoint import gather_rng_states, prepare_log_dir, save_atomic, set_rng_states
@@ -54,7 +46,7 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The run's configuration in the reference's ``variant.yml`` layout (plus seed and AMP dtype)."""
-    ds = dataset_config(opts["dataset"])
+    ds = training_defaults(opts["backbone"], opts["dataset"])
 
     def pick(key: str, default: Any) -> Any:
         return default if opts[key] is None else opts[key]
@@ -92,17 +84,18 @@ def build_variant(opts: dict[str, Any], world_size: int) -> dict[str, Any]:
             "seed": opts["seed"],
         },
         "optimizer_kwargs": {
-            "opt": opts["optimizer"],
+            "opt": pick("optimizer", ds["opt"]),
             "lr": pick("learning_rate", ds["learning_rate"]),
-            "weight_decay": opts["weight_decay"],
+            "weight_decay": pick("weight_decay", ds["weight_decay"]),
             "momentum": 0.9,
             "clip_grad": opts["clip_grad"],
             "sched": opts["scheduler"],
             "epochs": epochs,
-            "min_lr": opts["minlearning_rate"],
-            "poly_power": 0.9,
+            "min_lr": pick("minlearning_rate", ds["min_lr"]),
+            "poly_power": ds["poly_power"],
             "poly_step_size": 1,
-            "iter_warmup": float(opts["warmup_iters"]),
+            "iter_warmup": float(pick("warmup_iters", ds["warmup_iters"])),
+            "head_lr_mult": ds["head_lr_mult"],
         },
         "net_kwargs": net,
         "amp": opts["amp"],
@@ -137,18 +130,20 @@ def reconcile_log(log_path: Path, start_epoch: int, last_record: dict[str, Any] 
 @click.option("--window-stride", type=int, default=None, help="Sliding-window stride (default: dataset's).")
 @click.option("--backbone", type=str, required=True, help="Backbone key of config.yml, e.g. vit_small_patch16_384.")
 @click.option("--decoder", type=str, required=True, help="linear or mask_transformer.")
-@click.option("--optimizer", type=str, default="sgd", show_default=True, help="timm optimizer name (sgd = Nesterov SGD).")
+@click.option("--optimizer", type=str, default=None,
+              help="timm optimizer name (sgd = Nesterov SGD; default: sgd for ViT backbones, adamw for MiT).")
 @click.option("--scheduler", type=click.Choice(["polynomial"]), default="polynomial", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, default=None, help="Default: 0 for ViT backbones, 0.01 for MiT.")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Encoder dropout.")
 @click.option("--drop-path", type=float, default=0.1, show_default=True, help="Encoder stochastic depth (last block).")
 @click.option("--batch-size", type=int, default=None, help="World batch size (default: dataset's).")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: dataset's; 0 is honoured).")
 @click.option("-lr", "--learning-rate", type=float, default=None, help="Base learning rate (default: dataset's).")
-@click.option("-min-lr", "--minlearning-rate", type=float, default=1e-5, show_default=True, help="Final learning rate.")
-@click.option("--warmup-iters", type=int, default=0, show_default=True,
-              help="Iterations of linear learning-rate warm-up before the polynomial decay.")
-@click.option("--normalization", type=click.Choice(["vit", "deit"]), default=None, help="Default: the backbone's.")
+@click.option("-min-lr", "--minlearning-rate", type=float, default=None,
+              help="Final learning rate (default: 1e-5 for ViT backbones, 0 for MiT).")
+@click.option("--warmup-iters", type=int, default=None,
+              help="Iterations of linear learning-rate warm-up before the polynomial decay (default: 0; 1500 for MiT).")
+@click.option("--normalization", type=click.Choice(sorted(STATS)), default=None, help="Default: the backbone's.")
 @click.option("--eval-freq", type=int, default=None, help="Evaluate every N epochs and at the last (default: dataset's).")
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Mixed precision.")
 @click.option("--amp-dtype", type=click.Choice(sorted(AMP_DTYPES)), default="fp16", show_default=True)
@@ -215,19 +210,20 @@ def train(opts: dict[str, Any], request: ReductionRequest, env: distributed.Dist
     pretrained = False if opts["no_pretrained"] or resuming or opts["finetune"] else (opts["pretrained"] or True)
     torch.manual_seed(seed)
     model = create_segmenter(variant["net_kwargs"], pretrained=pretrained)
-    for name in ("head", "head_dist"):
-        if hasattr(model.encoder, name):
+    for name in ("head", "head_dist"):  # a ViT encoder's ImageNet classifiers are never trained
+        if hasattr(getattr(model, "encoder", None), name):
             getattr(model.encoder, name).requires_grad_(False)
-    if model.policy_net is not None:
+    if getattr(model, "policy_net", None) is not None:
         prepare_policy_net(model.policy_net, opts["policynet_ckpt"], from_checkpoint=resuming or bool(opts["finetune"]))
     saved = load_variant(log_dir / "variant.yml") if resuming and (log_dir / "variant.yml").is_file() else None
     patch_type, settings = apply_requested_reduction(model, request, saved, announce=main_process)
     variant["token_reduction"] = variant_entry(patch_type, settings)
-    if model.policy_schedule is not None:
+    if getattr(model, "policy_schedule", None) is not None:
         variant["net_kwargs"]["policy_schedule"] = list(model.policy_schedule)
     model.to(device)
 
-    optimizer = create_optimizer(model, optim_kwargs["opt"], optim_kwargs["lr"], optim_kwargs["weight_decay"], optim_kwargs["momentum"])
+    optimizer = create_optimizer(model, optim_kwargs["opt"], optim_kwargs["lr"], optim_kwargs["weight_decay"],
+                                 optim_kwargs["momentum"], optim_kwargs["head_lr_mult"])
     scheduler = PolynomialLR(optimizer, optim_kwargs["poly_step_size"], optim_kwargs["iter_warmup"], optim_kwargs["iter_max"],
                              optim_kwargs["poly_power"], optim_kwargs["min_lr"])
     amp_dtype = AMP_DTYPES[variant["amp_dtype"]]
@@ -248,10 +244,9 @@ def train(opts: dict[str, Any], request: ReductionRequest, env: distributed.Dist
         text = yaml.safe_dump(variant, sort_keys=True)
         click.echo(f"Configuration:\n{text}")
         (log_dir / "variant.yml").write_text(text)
-        n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
-        n_dec = sum(p.numel() for p in model.decoder.parameters() if p.requires_grad)
+        counts = {name: sum(p.numel() for p in part.parameters() if p.requires_grad) for name, part in model.named_children()}
         click.echo(f"Train images: {len(train_set)}, val images: {len(val_set)}, processes: {env.world_size} ({env.launcher})")
-        click.echo(f"Encoder parameters: {n_enc}, decoder parameters: {n_dec}")
+        click.echo("Trained parameters: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if env.distributed else model
     num_epochs, eval_freq = algo["num_epochs"], algo["eval_freq"]

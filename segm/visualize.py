@@ -81,6 +81,8 @@ def reduction_maps(model: torch.nn.Module, x: torch.Tensor, patch_type: str) -> 
     A patch type that records no index maps (one that changes no tokens, or keeps a reduced grid) is a
     ``UsageError``: there are no groups to draw.
     """
+    if not hasattr(model, "encoder"):
+        raise UsageError(f"merge groups are drawn for ViT encoders; a {type(model).__name__} has none")
     with torch.no_grad():
         _, state = model.encoder.forward_tokens(padding(x, model.patch_size))
     if not state.history:

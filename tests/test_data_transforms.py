@@ -38,8 +38,9 @@ def test_rescale_size_follows_mmcv_imrescale(size, scale, expected):
 def test_normalisation_stats_are_rounded_like_the_reference():
     assert pixel_stats("vit") == ((127.5,) * 3, (127.5,) * 3)
     assert pixel_stats("deit") == ((123.68, 116.28, 103.53), (58.4, 57.12, 57.38))
-    with pytest.raises(ValueError, match="vit, deit"):
-        pixel_stats("imagenet")
+    assert pixel_stats("imagenet") == ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))  # SegFormer's, exact
+    with pytest.raises(ValueError, match="choose one of: vit, deit, imagenet"):
+        pixel_stats("coco")
 
 
 @pytest.mark.parametrize(

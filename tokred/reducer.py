@@ -87,6 +87,15 @@ class TokenReducer:
         return vit_encoder_of(model, cls.name)
 
     @classmethod
+    def why_not(cls, model: nn.Module) -> str | None:
+        """Why this patch type does not apply to ``model`` (``None`` when it does)."""
+        try:
+            cls.target(model)
+        except UsageError as err:
+            return str(err)
+        return None
+
+    @classmethod
     def sweep(cls, encoder: nn.Module) -> list[dict[str, Any]]:
         """Settings of the main knob worth comparing on ``encoder``, mildest first (default: the defaults)."""
         return [{}]

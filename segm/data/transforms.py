@@ -29,15 +29,21 @@ MULTISCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 STATS = {
     "vit": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
     "deit": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "imagenet": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
+# mmseg's ImageNet statistics on the 0..255 scale as SegFormer's configs write them (not rounded).
+EXACT_PIXEL_STATS = {"imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))}
 
 Pair = tuple[tv_tensors.Image, tv_tensors.Mask]
 
 
 def pixel_stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std on the 0..255 scale: ``STATS`` x 255 rounded to 2 decimals, as the reference does."""
+    """Mean and std on the 0..255 scale: ``STATS`` x 255 rounded to 2 decimals, as Segmenter does, or the
+    exact values of mmseg's configs (``imagenet``, SegFormer's)."""
     if normalization not in STATS:
         raise UsageError(f"unknown normalization '{normalization}'; choose one of: {', '.join(STATS)}")
+    if normalization in EXACT_PIXEL_STATS:
+        return EXACT_PIXEL_STATS[normalization]
     stats = STATS[normalization]
     mean, std = (tuple(float(v) for v in np.round(255 * np.array(stats[key]), 2)) for key in ("mean", "std"))
     return mean, std

@@ -32,7 +32,7 @@ from segm.cli import (
     root_option,
     token_reduction_options,
 )
-from segm.config import dataset_config
+from segm.config import backbone_family, dataset_config, family_overrides
 from segm.data import STATS, create_dataset, create_loader
 from segm.data.loader import ShardSampler
 from segm.engine import evaluate
@@ -42,9 +42,13 @@ from segm.visualize import blend, colorize, denormalize
 from tokred.errors import UsageError
 
 
-def default_window_stride(dataset: str, crop_size: int) -> int:
-    """The reference's evaluation stride: crop - 32, and 512 for Cityscapes."""
-    return 512 if dataset == "cityscapes" else crop_size - 32
+def default_window(variant: dict[str, Any], dataset: str, crop_size: int) -> tuple[int, int]:
+    """The published sliding window of a model family: Segmenter's is the crop with stride crop - 32 (512 on
+    Cityscapes); SegFormer's (mmseg) the crop with the family's stride for the dataset (Cityscapes 768)."""
+    backbone = variant["net_kwargs"].get("backbone")
+    if backbone is not None and backbone_family(backbone) == "mit":
+        return crop_size, family_overrides(backbone, dataset).get("window_stride", crop_size)
+    return crop_size, 512 if dataset == "cityscapes" else crop_size - 32
 
 
 class ImageSaver:
@@ -104,8 +108,10 @@ def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> 
 @click.option("--im-size", type=int, default=None, help="Short side of the test images (default: config.yml's for the dataset).")
 @click.option("--multiscale/--singlescale", default=False, show_default=True, help="6 scales x flip, or one view.")
 @click.option("--blend/--no-blend", default=True, show_default=True, help="Blend saved predictions with the input.")
-@click.option("--window-size", type=int, default=None, help="Sliding window (default: the training crop size).")
-@click.option("--window-stride", type=int, default=None, help="Window stride (default: crop - 32; 512 for cityscapes).")
+@click.option("--window-size", type=int, default=None,
+              help="Sliding window (default: the training crop size; SegFormer on Cityscapes: 1024).")
+@click.option("--window-stride", type=int, default=None,
+              help="Window stride (default: crop - 32, 512 for cityscapes; SegFormer: the window, 768 on Cityscapes).")
 @click.option("--window-batch-size", type=int, default=4, show_default=True,
               help="Windows per forward; adaptive merge counts (ALGM) are a minimum over each group.")
 @click.option("--save-images/--no-save-images", default=False, show_default=True, help="Write images/ and images.zip beside the model.")
@@ -137,8 +143,9 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: Redu
 
     crop_size = variant_crop_size(variant)
     im_size = opts["im_size"] or ds_cfg.get("im_size", trained.get("image_size"))
-    window_size = opts["window_size"] or crop_size
-    window_stride = opts["window_stride"] or default_window_stride(dataset_name, crop_size)
+    default_size, default_stride = default_window(variant, dataset_name, crop_size)
+    window_size = opts["window_size"] or default_size
+    window_stride = opts["window_stride"] or default_stride
     normalization = variant_normalization(variant)
     dataset = create_dataset(dataset_name, "val", im_size=im_size, normalization=normalization,
                              root=opts["root"], multiscale=opts["multiscale"])

@@ -1,5 +1,5 @@
-"""Build Segmenter models from ``net_kwargs``, load checkpoints (never downloading), and initialise
-encoders from ImageNet weights (timm hub names or local ``.pth`` / ``.safetensors`` / ``.npz`` files)."""
+"""Build models from ``net_kwargs`` (Segmenter for ViT backbones, SegFormer for MiT ones), load checkpoints
+(never downloading), and initialise encoders from ImageNet weights (timm hub names or local files)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ import yaml
 from segm.config import backbone_config, decoder_config, known_names
 from segm.model.decoder import DecoderLinear, MaskTransformer
 from segm.model.policy_net import PolicyNet
+from segm.model.segformer import create_segformer
 from segm.model.segmenter import Segmenter
 from segm.model.vit import VisionTransformer, resize_pos_embed
+from segm.model.weights import check_state_dict, read_checkpoint, strip_prefix, to_float32
 from tokred.errors import UsageError
 
-DECODERS = ("linear", "mask_transformer")
+DECODERS_BY_FAMILY = {"vit": ("linear", "mask_transformer"), "mit": ("segformer",)}
+DECODERS = tuple(d for decoders in DECODERS_BY_FAMILY.values() for d in decoders)
 
 # timm 1.x hub weights matching the ImageNet initialisation of the reference (AugReg in21k -> in1k at 384,
 # the original in21k -> in1k weights for L/32, and the DeiT distilled weights).
@@ -56,8 +59,14 @@ def net_kwargs_for(
     net = backbone_config(backbone)
     if decoder not in DECODERS:
         raise UsageError(f"unknown decoder '{decoder}'; known decoders: {', '.join(DECODERS)}")
+    family = net.get("family", "vit")
+    if decoder not in DECODERS_BY_FAMILY[family]:
+        raise UsageError(f"decoder '{decoder}' does not decode the {family} backbone {backbone}; use "
+                         f"{' or '.join(DECODERS_BY_FAMILY[family])}")
     dec = decoder_config(decoder)
     dec.update(name=decoder, n_cls=n_cls)
+    if "decoder_channels" in net:
+        dec["channels"] = net.pop("decoder_channels")
     net.update(
         backbone=backbone,
         image_size=[crop_size, crop_size],
@@ -127,9 +136,11 @@ def create_segmenter(net_kwargs: Mapping[str, Any], pretrained: bool | str | Pat
 
     ``pretrained``: ``False`` (random initialisation), ``True`` (timm hub ImageNet weights of the backbone)
     or a path to a local weight file for the encoder. With ``policy_method: policy_net`` (CTS) the model
-    holds a policy network too.
+    holds a policy network too. A ``mit`` backbone gives a SegFormer.
     """
     cfg = copy.deepcopy(dict(net_kwargs))
+    if cfg.get("family") == "mit":
+        return create_segformer(cfg, pretrained)
     decoder_cfg = cfg.pop("decoder")
     decoder_cfg.setdefault("n_cls", cfg["n_cls"])
     policy_net, schedule = create_policy_net(cfg)
@@ -147,7 +158,7 @@ def load_policy_weights(policy_net: PolicyNet, path: str | Path) -> None:
         raise FileNotFoundError(f"policy network checkpoint not found: {path}")
     data = read_checkpoint(path)
     state = data["model"] if isinstance(data, dict) and "model" in data else data
-    state = _strip_prefix(_strip_prefix(state, "module."), "policy_net.")
+    state = strip_prefix(strip_prefix(state, "module."), "policy_net.")
     check_state_dict(policy_net, state, f"policy network checkpoint {path}")
     policy_net.load_state_dict(to_float32(state), strict=True)
 
@@ -180,61 +191,13 @@ def find_variant(checkpoint_path: Path) -> Path:
     raise FileNotFoundError(f"no variant.yml or variant.yaml beside {checkpoint_path}")
 
 
-def _describe(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint and its variant: ``model, variant = load_model("run/checkpoint.pth")``.
 
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise a one-line error naming missing / unexpected keys (up to 10) or the first shape mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_describe(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_describe(unexpected)}")
-        raise UsageError(f"{source} does not match the model: " + "; ".join(parts))
-    for key, value in state_dict.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise UsageError(
-                f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint "
-                f"but {tuple(own[key].shape)} in the model"
-            )
-
-
-def to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Floating-point tensors cast to float32 (fp16 checkpoints), others unchanged."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
-def read_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
-    """``torch.load`` on CPU; with ``weights_only`` (default) no arbitrary code can run from the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:
-        if weights_only and "weights_only" in str(err):
-            raise UsageError(
-                f"{path} holds Python objects that a safe load refuses; if you trust the file, "
-                "call load_model(path, weights_only=False)"
-            ) from None
-        raise UsageError(f"{path} could not be read as a checkpoint: {err}") from None
-
-
-def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[Segmenter, dict[str, Any]]:
-    """Load a Segmenter checkpoint and its variant: ``model, variant = load_model("run/checkpoint.pth")``.
-
-    Reads ``variant.yml`` beside the checkpoint, builds the model without downloading anything, loads
-    ``checkpoint["model"]`` strictly (fp16 weights are cast to fp32) and returns the model in eval mode.
-    A directory is taken to mean its ``checkpoint.pth``.
+    Reads ``variant.yml`` beside the checkpoint, builds the model (Segmenter or SegFormer) without
+    downloading anything, loads ``checkpoint["model"]`` (or mmseg's ``checkpoint["state_dict"]``) strictly
+    (fp16 weights are cast to fp32) and returns the model in eval mode. A directory is taken to mean its
+    ``checkpoint.pth``.
     """
     path = Path(model_path)
     if path.is_dir():
@@ -244,10 +207,15 @@ def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[Segme
     variant = load_variant(find_variant(path))
     model = create_segmenter(variant["net_kwargs"], pretrained=False)
     data = read_checkpoint(path, weights_only=weights_only)
-    state_dict = data["model"] if isinstance(data, dict) and "model" in data else data
+    state_dict = data
+    for key in ("model", "state_dict"):  # this codebase's and Segmenter's layout, mmsegmentation's
+        if isinstance(data, dict) and key in data:
+            state_dict = data[key]
+            break
     if not isinstance(state_dict, Mapping):
-        raise UsageError(f"{path} holds no state dict (expected {{'model': state_dict, ...}})")
-    state_dict = _strip_prefix(state_dict, "module.")
+        raise UsageError(f"{path} holds no state dict (expected {{'model': state_dict, ...}} or mmseg's "
+                         "{'state_dict': ..., 'meta': ...})")
+    state_dict = strip_prefix(state_dict, "module.")
     check_state_dict(model, state_dict, str(path))
     model.load_state_dict(to_float32(state_dict), strict=True)
     model.eval()
@@ -307,7 +275,7 @@ def _file_weights(path: Path, encoder: VisionTransformer) -> dict[str, torch.Ten
     for key in ("model", "state_dict"):
         if isinstance(data, dict) and key in data:
             data = data[key]
-    return _strip_prefix(data, "module.")
+    return strip_prefix(data, "module.")
 
 
 def load_pretrained_encoder(encoder: VisionTransformer, backbone: str, source: bool | str | Path) -> None:

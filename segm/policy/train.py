@@ -31,7 +31,7 @@ from segm.data import create_dataset, per_process_batch_size
 from segm.data.loader import ShardSampler
 from segm.data.transforms import IGNORE_INDEX
 from segm.engine import NonFiniteLossError
-from segm.model.factory import check_state_dict, read_checkpoint, to_float32
+from segm.model.weights import check_state_dict, read_checkpoint, to_float32
 from segm.model.policy_net import PolicyNet
 from segm.policy.data import PolicyDataset, ResumableSampler, batch_stream, iterations_per_epoch, policy_loader
 from segm.utils import distributed
