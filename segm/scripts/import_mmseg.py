@@ -22,7 +22,7 @@ from tokred.errors import UsageError
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--backbone", required=True, help="The MiT backbone of the checkpoint: mit_b0 ... mit_b5.")
 @click.option("--dataset", type=click.Choice(dataset_names()), required=True,
               help="The dataset it was trained on (classes, crop and sliding window).")
@@ -30,6 +30,8 @@ from tokred.errors import UsageError
 @fail_cleanly
 def main(checkpoint: Path, backbone: str, dataset: str, overwrite: bool) -> None:
     """Write CHECKPOINT's variant.yml (SegFormer with BACKBONE, trained on DATASET) and check that it loads."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if backbone_family(backbone) != "mit":
         raise UsageError(f"--backbone {backbone} is not a MiT backbone; mmseg SegFormer checkpoints use mit_b0 ... mit_b5")
     target = checkpoint.parent / "variant.yml"
