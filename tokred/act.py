@@ -26,6 +26,7 @@ from timm.models.vision_transformer import Attention
 from tokred.attention import attend, project_out, project_qkv
 from tokred.blocks import ReductionBlock, swap_block
 from tokred.options import Option, block_numbers, check_depth, integer
+from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import MergeState
 
@@ -64,13 +65,15 @@ def clustered_attention(attn: Attention, x: torch.Tensor, n_hashes: int, generat
     B, H, T, d = q.shape
     q = q * attn.scale
     rows = q.reshape(B * H, T, d)
-    with torch.no_grad():
-        ids, counts, n_clusters = cluster_ids(e2lsh_codes(rows, n_hashes, generator))
-    members = ids.unsqueeze(-1).expand(-1, -1, d)
-    sums = torch.zeros(B * H, n_clusters, d, device=x.device, dtype=torch.float32).scatter_add(1, members, rows.float())
-    centroids = (sums / counts.clamp_min(1).unsqueeze(-1)).to(q.dtype).reshape(B, H, n_clusters, d)
+    with section("cluster"):
+        with torch.no_grad():
+            ids, counts, n_clusters = cluster_ids(e2lsh_codes(rows, n_hashes, generator))
+        members = ids.unsqueeze(-1).expand(-1, -1, d)
+        sums = torch.zeros(B * H, n_clusters, d, device=x.device, dtype=torch.float32).scatter_add(1, members, rows.float())
+        centroids = (sums / counts.clamp_min(1).unsqueeze(-1)).to(q.dtype).reshape(B, H, n_clusters, d)
     out = attend(attn, centroids, k, v, scale=1.0).reshape(B * H, n_clusters, -1)
-    heads = out.gather(1, ids.unsqueeze(-1).expand(-1, -1, out.shape[-1])).reshape(B, H, T, -1)
+    with section("unmerge"):
+        heads = out.gather(1, ids.unsqueeze(-1).expand(-1, -1, out.shape[-1])).reshape(B, H, T, -1)
     if stats is not None:
         stats.append((n_clusters, (counts > 0).sum(dim=1).float().mean()))
     return project_out(attn, heads, x)

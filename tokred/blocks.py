@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from tokred.attention import AttentionOutput, attention
+from tokred.profiling import section
 from tokred.state import MergeState
 
 
@@ -65,7 +66,8 @@ class MidBlock(ReductionBlock):
         out = attention(self.attn, self.norm1(x), state.attn_bias(x.dtype), keys=self.needs_keys,
                         cls_attn=self.needs_cls_attn)
         x = x + self.drop_path1(self.ls1(out.out))
-        x = self.reduce(x, out, state)
+        with section("reduce"):
+            x = self.reduce(x, out, state)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def reduce(self, x: torch.Tensor, attn: AttentionOutput, state: MergeState) -> torch.Tensor:

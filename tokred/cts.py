@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tokred.errors import UsageError
 from tokred.options import Option, integer
+from tokred.profiling import section
 from tokred.reducer import TokenReducer, vit_encoder_of
 from tokred.state import MergeState
 
@@ -132,8 +133,9 @@ class TokenSharing(TokenReducer):
         if shared_count > (grid[0] // 2) * (grid[1] // 2):
             raise UsageError(f"num_shared {shared_count} is more than the superpatches of a {H}x{W} input")
         with torch.no_grad():
-            ranking = share_ranking(self.policy(im)["logits"])
-            kept, shared, rows = sharing_layout(ranking, grid, shared_count)
+            logits = self.policy(im)["logits"]
+            with section("share"):
+                kept, shared, rows = sharing_layout(share_ranking(logits), grid, shared_count)
         C = im.shape[1]
         half = F.interpolate(im, scale_factor=0.5, mode="bilinear", align_corners=False, recompute_scale_factor=False)
         pieces = torch.cat([to_patches(im, P).gather(1, kept[:, :, None, None, None].expand(-1, -1, C, P, P)),

@@ -39,6 +39,7 @@ from tokred.bipartite import check_prefix
 from tokred.blocks import ReductionBlock, swap_block
 from tokred.errors import UsageError
 from tokred.options import Option, boolean, integer, is_int, one_of, real
+from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import MergeState
 
@@ -158,7 +159,8 @@ class ClusteringBlock(ReductionBlock):
         if h > gh or w > gw:
             raise UsageError(f"num_clusters {h}x{w} is larger than the {gh}x{gw} patch grid of this input")
         patches = x[:, n:]
-        centres = cluster_tokens(patches, (gh, gw), (h, w), spec.n_iters, spec.temperature, spec.radius)
+        with section("cluster"):
+            centres = cluster_tokens(patches, (gh, gw), (h, w), spec.n_iters, spec.temperature, spec.radius)
         if spec.reconstruct:
             state.scratch["expedite"] = (patches, centres)
         return state.replace(torch.cat([x[:, :n], centres.to(x.dtype)], dim=1), out_grid=(h, w))
@@ -233,8 +235,9 @@ class Expedite(TokenReducer):
         if not self.config["reconstruct"]:
             return x
         before, centres = state.scratch.pop("expedite")
-        index, weight, n_weak = reconstruction_map(before, centres, self.config["recon_k"],
-                                                   self.config["recon_temperature"])
+        with section("reconstruct"):
+            index, weight, n_weak = reconstruction_map(before, centres, self.config["recon_k"],
+                                                       self.config["recon_temperature"])
         if n_weak:
             warnings.warn(f"Expedite reconstruction: {n_weak} of {index.shape[0] * index.shape[1]} patch tokens "
                           "have (near) zero weights after fp32 underflow and are rebuilt as (near) zero, as in the "

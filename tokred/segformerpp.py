@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from tokred.errors import UsageError
 from tokred.options import Option, is_int, is_real, one_of
+from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import merge_mean
 
@@ -187,11 +188,15 @@ class MergingAttention:
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         kv, kv_hw = self.kv_tokens(x, hw)
         if self.spec.kv is not None:
-            kv = reduce_tokens(kv, kv_hw, self.spec.kv)[0]
+            with section("merge"):
+                kv = reduce_tokens(kv, kv_hw, self.spec.kv)[0]
         if self.spec.q is None:
             return self.attend(x, kv)
-        queries, back = reduce_tokens(x, hw, self.spec.q)
-        return back(self.attend(queries, kv))
+        with section("merge"):
+            queries, back = reduce_tokens(x, hw, self.spec.q)
+        out = self.attend(queries, kv)
+        with section("unmerge"):
+            return back(out)
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from tokred.errors import UsageError
+from tokred.profiling import section
 
 
 def merge_weighted(
@@ -192,7 +193,8 @@ class MergeState:
     def to_grid(self, y: torch.Tensor) -> torch.Tensor:
         """Per-token outputs of the patch tokens (B, T - n_prefix, K) -> (B, K, gh, gw) on ``patch_grid``."""
         if self.index is not None and not self.is_raster:
-            y = self.unmerge(y)
+            with section("unmerge"):
+                y = self.unmerge(y)
         gh, gw = self.patch_grid
         B, N, K = y.shape
         if N != gh * gw:
@@ -201,7 +203,8 @@ class MergeState:
 
     def unmerge_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The full sequence ``x`` back at one token per patch, ``[prefix, N patches]``; the state restarts there."""
-        patches = self.unmerge(x[:, self.n_prefix :])
+        with section("unmerge"):
+            patches = self.unmerge(x[:, self.n_prefix :])
         x = torch.cat([x[:, : self.n_prefix], patches], dim=1)
         B, T, _ = x.shape
         self.index = torch.arange(self.n_prefix, T, device=x.device).expand(B, -1)

@@ -25,6 +25,7 @@ from tokred.bipartite import bipartite_plan, check_prefix
 from tokred.blocks import MidBlock, ReductionBlock, swap_block
 from tokred.errors import UsageError
 from tokred.options import Option, boolean, is_int, is_real, real
+from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import MergeState, merge_mean
 
@@ -120,11 +121,14 @@ class ToMe(TokenReducer):
 def merged_sublayer(sublayer: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, ratio: float,
                     n_prefix: int) -> torch.Tensor:
     """``sublayer`` on ``u`` with ``int(T * ratio)`` tokens merged (plain mean) first and copied back after."""
-    dest, n_out = bipartite_plan(u, int(u.shape[1] * ratio), n_prefix)
+    with section("merge"):
+        dest, n_out = bipartite_plan(u, int(u.shape[1] * ratio), n_prefix)
+        merged = u if dest is None else merge_mean(u, dest, n_out)
+    y = sublayer(merged)
     if dest is None:
-        return sublayer(u)
-    y = sublayer(merge_mean(u, dest, n_out))
-    return y.gather(1, dest.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        return y
+    with section("unmerge"):
+        return y.gather(1, dest.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
 
 
 class SublayerMergeBlock(ReductionBlock):

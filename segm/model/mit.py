@@ -12,6 +12,7 @@ Attention is split into ``kv_tokens`` (the spatial reduction) and ``attend`` (pr
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -178,6 +179,11 @@ class MixVisionTransformer(nn.Module):
             start += depth
         self.reducer: TokenReducer = Pure()
         self.apply(init_weights)
+
+    @property
+    def output_stride(self) -> int:
+        """The stride of the last stage (32)."""
+        return math.prod(self.strides)
 
     @property
     def blocks(self) -> list[MiTBlock]:

@@ -81,6 +81,10 @@ class SegFormer(nn.Module):
 
     def forward(self, im: torch.Tensor) -> torch.Tensor:
         check_image_batch(im, self.backbone.layers[0][0].projection.in_channels)
+        stride = self.backbone.output_stride
+        if min(im.shape[2:]) < stride:
+            raise UsageError(f"SegFormer needs inputs of at least {stride} pixels a side (its stage-4 stride), "
+                             f"got {im.shape[2]}x{im.shape[3]}")
         logits = self.decode_head(self.backbone(im))
         return F.interpolate(logits, size=im.shape[2:], mode="bilinear", align_corners=False)
 
