@@ -1,5 +1,6 @@
-"""What ``segm.speedtest``, ``segm.flops`` and ``segm.calibrate`` share: the model (from a checkpoint folder
-or from a backbone with random weights), the measurement images and the FLOP counter.
+"""What ``segm.speedtest``, ``segm.flops``, ``segm.calibrate`` and ``segm.compare`` share: the model (from a
+checkpoint folder or from a backbone with random weights), the measurement images, the FLOP counter and
+the profiler-based time shares.
 
 Images follow the published protocol: validation images squashed to ``crop x crop`` (PIL bilinear, as
 torchvision's ``Resize`` on PIL images), scaled to [0, 1] and normalised; ``keep_aspect`` resizes the
@@ -8,8 +9,10 @@ short side instead. Without ``$DATASET`` (or with ``synthetic``) the synthetic s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from segm.cli import compose, device_option, root_option
-from segm.data import STATS, create_dataset, dataset_info
 from segm.config import backbone_family
+from segm.data import STATS, create_dataset, dataset_info
 from segm.model.factory import (
     DECODERS,
     DECODERS_BY_FAMILY,
@@ -32,7 +35,9 @@ from segm.model.factory import (
     variant_crop_size,
     variant_normalization,
 )
+from segm.utils.progress import progress
 from tokred.errors import UsageError
+from tokred.profiling import PREFIX
 
 
 def measured_model(
@@ -152,3 +157,35 @@ measurement_options: Callable = compose(
                  help="Resize the short side to the crop instead of squashing to a square."),
     device_option,
 )
+
+
+def gflops_per_image(model: nn.Module, loader: DataLoader, device: torch.device, show_progress: bool = True
+                     ) -> list[float]:
+    """fvcore GFLOPs per image of every batch of ``loader`` (a batch's count divided by its size)."""
+    counts = []
+    with torch.no_grad():
+        for batch in progress(loader, show_progress, leave=False, desc="GFLOPs"):
+            x = batch.to(device)
+            counts.append(flop_analysis(model, x).total() / 1e9 / x.shape[0])
+    return counts
+
+
+def time_shares(model: nn.Module, x: torch.Tensor, autocast: Callable = contextlib.nullcontext, runs: int = 2
+                ) -> dict[str, float]:
+    """Shares of a forward's time spent in token-reduction bookkeeping (``tokred::`` profiler ranges) and in
+    the final upsampling (``segm::upsample``), measured with the autograd profiler over ``runs`` forwards."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # keep the profiler's start/stop lines off the terminal
+    with torch.no_grad():
+        with autocast():
+            model(x)
+        with torch.autograd.profiler.profile(use_kineto=False) as prof:
+            for _ in range(runs):
+                with torch.profiler.record_function("segm::forward"), autocast():
+                    model(x)
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.function_events:
+        for label, prefix in (("forward", "segm::forward"), ("bookkeeping", PREFIX), ("upsampling", "segm::upsample")):
+            if event.name.startswith(prefix):
+                totals[label] += event.cpu_time_total
+    forward = totals["forward"] or 1.0
+    return {"bookkeeping": totals["bookkeeping"] / forward, "upsampling": totals["upsampling"] / forward}

@@ -86,7 +86,8 @@ class SegFormer(nn.Module):
             raise UsageError(f"SegFormer needs inputs of at least {stride} pixels a side (its stage-4 stride), "
                              f"got {im.shape[2]}x{im.shape[3]}")
         logits = self.decode_head(self.backbone(im))
-        return F.interpolate(logits, size=im.shape[2:], mode="bilinear", align_corners=False)
+        with torch.profiler.record_function("segm::upsample"):
+            return F.interpolate(logits, size=im.shape[2:], mode="bilinear", align_corners=False)
 
 
 MIT_KEYS = {"backbone", "family", "image_size", "embed_dims", "num_layers", "num_heads", "sr_ratios", "normalization",

@@ -51,5 +51,6 @@ class Segmenter(nn.Module):
         x = x[:, self.encoder.num_prefix_tokens :]
         masks = self.decoder(x, (H, W), state)
 
-        masks = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
+        with torch.profiler.record_function("segm::upsample"):
+            masks = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
         return unpadding(masks, (H_ori, W_ori))
