@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -121,10 +122,16 @@ def collate_val(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's global generators in a loader worker from torch's per-worker seed.
+    """Set up a loader worker: OpenCV single-threaded, Python's and NumPy's global generators seeded.
 
-    The datasets never use them; this only makes third-party code in a worker deterministic.
+    ``cv2.setNumThreads(0)``: the pipelines' resizes and colour conversions are OpenCV's, whose thread
+    pool defaults to one thread per core in every process; with N workers that would be N x cores
+    threads competing for the cores (and a pool inherited across fork). Each worker runs its kernels
+    in its own thread instead, as DataLoader already does for torch (one intra-op thread per worker);
+    the parallelism comes from the workers. The generators are seeded from torch's per-worker seed;
+    the datasets never use them, this only makes third-party code in a worker deterministic.
     """
+    cv2.setNumThreads(0)
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)

@@ -1,27 +1,52 @@
-"""The reference's mmseg 0.14 training and validation pipelines on ``torchvision.transforms.v2``.
+"""The reference's mmseg 0.14 training and validation pipelines, pixel for pixel as mmcv 1.3.8 computes them.
 
-Images travel as ``tv_tensors.Image`` (uint8 RGB until normalisation) and label maps as
-``tv_tensors.Mask`` (uint8 class ids, 255 = ignore), so the v2 functionals pick the right kernel:
-images are resized bilinearly without antialiasing (the closest match to OpenCV's
-``INTER_LINEAR`` used by mmcv; both use half-pixel centres, torch's uint8 kernel rounds with
-fixed-point weights like OpenCV and differs from it by at most one grey level), masks with
-OpenCV's ``INTER_NEAREST`` index rule computed exactly (:func:`resize_mask`).
+Where each kernel comes from, and why:
 
-Every random step draws from a ``torch.Generator`` passed in by the caller, never from global
-state, so a sample is a pure function of its image, its label and its seed.
+- **OpenCV** (``cv2``), wherever mmcv calls it, so that the pixels are OpenCV's own and no formula of
+  it is transcribed here: bilinear image resize (``cv2.resize`` ``INTER_LINEAR``, mmcv's
+  ``imresize(..., "bilinear")``; OpenCV itself takes its ``INTER_AREA`` path for exact 2x reductions),
+  nearest label resize (``INTER_NEAREST``), the HSV round trips of the photometric distortion
+  (``cv2.cvtColor``, mmcv's ``bgr2hsv`` / ``hsv2bgr``) and the normalisation (``cv2.subtract`` and
+  ``cv2.multiply`` with float64 mean and 1 / std, mmcv's ``imnormalize_``). The sizes follow mmcv's
+  ``imrescale`` rule (:func:`rescale_size`).
+- **NumPy**, where mmseg computes in NumPy: the photometric ``convert`` (float32 ``x * alpha + beta``,
+  clipped, truncated to uint8). It depends on the uint8 value alone, so it is evaluated with mmseg's
+  own NumPy expression on the 256 possible values and applied with ``cv2.LUT``: identical results,
+  several times faster than converting the whole image to float32.
+- **torchvision v2** for what it does well: images travel as ``tv_tensors.Image`` [3, H, W] and label
+  maps as ``tv_tensors.Mask`` [H, W] (uint8 class ids, 255 = ignore), composition, crops and flips
+  (``F.crop`` / ``F.horizontal_flip``: exact index operations, like mmcv's NumPy slicing and
+  ``np.flip``), the final padding (``F.pad``; mmcv's ``impad`` pads with a constant too) and the
+  tensors handed to the model. An image tensor is a channel-first view of channels-last (H x W x 3)
+  memory, the layout OpenCV works in, so moving between the two costs no copy.
+- **torch.Generator** for every random draw, passed in by the caller, never global state, so a sample
+  is a pure function of its image, its label and its seed.
+
+The images are RGB (decoded with PIL) where mmcv's are BGR; OpenCV's ``COLOR_RGB2HSV`` /
+``COLOR_HSV2RGB`` on RGB data give exactly the HSV values and colours that ``COLOR_BGR2HSV`` /
+``COLOR_HSV2BGR`` give on the same colours stored as BGR (the same code with the channel index
+swapped; checked on all 2^24 colours and all 8-bit HSV triples in the tests), so the channels are
+never swapped. What can still differ from one machine to another is inside OpenCV itself: in
+``HSV2RGB`` its vectorised (SIMD) loops and the scalar code that finishes a row round differently (by
+one grey level), and which pixels each handles depends on the vector width OpenCV dispatches to on
+the CPU (here, turning AVX2 off changes about 0.01 % of the pixels by one grey level; the resizes and
+``RGB2HSV`` do not change).
+
+Decoding stays with PIL (:mod:`segm.data.io`), whose RGB pixels equal ``cv2.imread``'s reversed on the
+JPEGs and PNGs the project reads. OpenCV threads: in a DataLoader worker :func:`segm.data.loader.seed_worker` sets
+``cv2.setNumThreads(0)`` so every worker runs its kernels on its own core.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from segm.data.color import hsv_to_rgb, rgb_to_hsv
 from tokred.errors import UsageError
 
 IGNORE_INDEX = 255
@@ -58,22 +83,38 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def resize_image(image: tv_tensors.Image, size: tuple[int, int]) -> tv_tensors.Image:
-    """Bilinear resize without antialiasing (OpenCV ``INTER_LINEAR`` semantics, up or down)."""
-    return F.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
+def to_image(image: np.ndarray) -> tv_tensors.Image:
+    """H x W x C array -> ``tv_tensors.Image`` [C, H, W] (a channel-first view of the same memory, no copy)."""
+    return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
 
 
-def nearest_indices(src: int, dst: int) -> torch.Tensor:
-    """Source index of every output pixel under OpenCV's ``INTER_NEAREST``: ``floor(x * (1 / (dst / src)))``
-    in float64, clamped to ``src - 1`` (torch's float32 ``src / dst`` rounds differently on exact integers)."""
-    step = 1.0 / (dst / src)
-    return torch.floor(torch.arange(dst, dtype=torch.float64) * step).clamp_(max=src - 1).long()
+def pixels_of(image: torch.Tensor) -> np.ndarray:
+    """[C, H, W] tensor -> C-contiguous H x W x C array, OpenCV's layout (no copy for :func:`to_image` views)."""
+    return np.ascontiguousarray(image.as_subclass(torch.Tensor).permute(1, 2, 0).numpy())
 
 
-def resize_mask(mask: tv_tensors.Mask, size: tuple[int, int]) -> tv_tensors.Mask:
-    """Nearest-neighbour resize of a label map, pixel for pixel as mmcv's ``imresize(..., "nearest")``."""
-    rows, cols = nearest_indices(mask.shape[-2], size[0]), nearest_indices(mask.shape[-1], size[1])
-    return tv_tensors.wrap(mask[..., rows[:, None], cols[None, :]], like=mask)
+def _wrap_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tv_tensors.wrap(values, like=like) if isinstance(like, tv_tensors.TVTensor) else values
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a [C, H, W] image (uint8 or float32) to ``size`` = (height, width).
+
+    ``cv2.resize(..., INTER_LINEAR)`` on the channels-last pixels, exactly mmcv's ``imresize``; the result
+    has the type of ``image`` (``tv_tensors.Image`` or plain tensor).
+    """
+    resized = cv2.resize(pixels_of(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    if resized.ndim == 2:  # OpenCV drops a single channel
+        resized = resized[..., None]
+    return _wrap_like(torch.from_numpy(resized).permute(2, 0, 1), image)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a uint8 [H, W] label map: ``cv2.resize(..., INTER_NEAREST)``, as mmcv's
+    ``imresize(..., "nearest")``; the result has the type of ``mask`` (``tv_tensors.Mask`` or plain tensor)."""
+    values = np.ascontiguousarray(mask.as_subclass(torch.Tensor).numpy())
+    resized = cv2.resize(values, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return _wrap_like(torch.from_numpy(resized), mask)
 
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
@@ -163,9 +204,25 @@ class RandomHorizontalFlip:
         return image, mask
 
 
-def _affine_uint8(values: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
-    """mmseg's ``convert``: float32 ``x * alpha + beta``, clipped to [0, 255], truncated to uint8."""
-    return (values.to(torch.float32) * alpha + beta).clamp_(0, 255).to(torch.uint8)
+_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
+def affine_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's ``convert`` of every uint8 value: float32 ``x * alpha + beta``, clipped to [0, 255], truncated.
+
+    The same NumPy expression as mmseg's (``alpha`` and ``beta`` are Python floats, so the arithmetic is
+    float32), evaluated on the 256 possible inputs; looking the image up in it gives mmseg's result.
+    """
+    return np.clip(np.arange(256, dtype=np.float32) * float(alpha) + float(beta), 0, 255).astype(np.uint8)
+
+
+def _lookup(pixels: np.ndarray, table: np.ndarray, channel: int | None = None) -> np.ndarray:
+    """``table`` applied to every channel of uint8 H x W x 3 ``pixels``, or to ``channel`` only."""
+    if channel is not None:
+        tables = np.repeat(_IDENTITY[:, None], pixels.shape[-1], axis=1)
+        tables[:, channel] = table
+        table = tables.reshape(256, 1, -1)
+    return cv2.LUT(pixels, table)
 
 
 class PhotoMetricDistortion:
@@ -174,8 +231,9 @@ class PhotoMetricDistortion:
     Order and probabilities: brightness (p 0.5, + U(-32, 32)); mode = randint(2); if mode == 1,
     contrast first (p 0.5, x U(0.5, 1.5)); saturation (p 0.5, HSV S x U(0.5, 1.5)); hue (p 0.5,
     H + randint(-18, 18) mod 180, upper bound exclusive); if mode == 0, contrast last. Every step
-    clips and truncates to uint8. HSV uses OpenCV's 8-bit convention (:mod:`segm.data.color`),
-    which is independent of the channel order, so RGB input gives mmseg's BGR results.
+    clips and truncates to uint8 (:func:`affine_table`). Saturation and hue each convert to OpenCV's
+    8-bit HSV (H in [0, 180)) and back with ``cv2.cvtColor``; ``COLOR_RGB2HSV`` / ``COLOR_HSV2RGB`` on
+    RGB give mmseg's ``BGR2HSV`` / ``HSV2BGR`` results on the same image stored as BGR.
     """
 
     def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
@@ -189,38 +247,53 @@ class PhotoMetricDistortion:
     def _coin(gen: torch.Generator) -> bool:
         return _randint(gen, 0, 2) == 1
 
-    def _contrast(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _contrast(self, pixels: np.ndarray, gen: torch.Generator) -> np.ndarray:
         if self._coin(gen):
-            return _affine_uint8(image, alpha=_uniform(gen, *self.contrast_range))
-        return image
+            return _lookup(pixels, affine_table(alpha=_uniform(gen, *self.contrast_range)))
+        return pixels
 
-    def distort(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Apply the distortion to a uint8 [3, H, W] RGB tensor."""
+    def distort_pixels(self, pixels: np.ndarray, gen: torch.Generator) -> np.ndarray:
+        """Apply the distortion to a uint8 H x W x 3 RGB array (C-contiguous); returns a new array or ``pixels``."""
         if self._coin(gen):
-            image = _affine_uint8(image, beta=_uniform(gen, -self.brightness_delta, self.brightness_delta))
+            pixels = _lookup(pixels, affine_table(beta=_uniform(gen, -self.brightness_delta, self.brightness_delta)))
         contrast_first = _randint(gen, 0, 2) == 1
         if contrast_first:
-            image = self._contrast(image, gen)
+            pixels = self._contrast(pixels, gen)
         if self._coin(gen):
-            hsv = rgb_to_hsv(image)
-            hsv[1] = _affine_uint8(hsv[1], alpha=_uniform(gen, *self.saturation_range))
-            image = hsv_to_rgb(hsv)
+            hsv = cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)
+            hsv = _lookup(hsv, affine_table(alpha=_uniform(gen, *self.saturation_range)), channel=1)
+            pixels = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if self._coin(gen):
-            hsv = rgb_to_hsv(image)
+            hsv = cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)
             shift = _randint(gen, -self.hue_delta, self.hue_delta)
-            hsv[0] = torch.remainder(hsv[0].to(torch.int32) + shift, 180).to(torch.uint8)
-            image = hsv_to_rgb(hsv)
+            hsv = _lookup(hsv, ((_IDENTITY.astype(np.int64) + shift) % 180).astype(np.uint8), channel=0)
+            pixels = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first:
-            image = self._contrast(image, gen)
-        return image
+            pixels = self._contrast(pixels, gen)
+        return pixels
+
+    def distort(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Apply the distortion to a uint8 [3, H, W] RGB tensor (:meth:`distort_pixels` on its pixels)."""
+        return torch.from_numpy(self.distort_pixels(pixels_of(image), gen)).permute(2, 0, 1)
 
     def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask, gen: torch.Generator) -> Pair:
-        return tv_tensors.Image(self.distort(image.as_subclass(torch.Tensor), gen)), mask
+        return tv_tensors.Image(self.distort(image, gen)), mask
 
 
-def normalize(image: tv_tensors.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 RGB -> float32 ``(x - mean) / std`` with mean and std on the 0..255 scale."""
-    return F.normalize(F.to_dtype(image, torch.float32, scale=False), list(mean), list(std))
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [3, H, W] RGB -> float32 ``(x - mean) * (1 / std)`` with mean and std on the 0..255 scale.
+
+    mmcv's ``imnormalize``: mmseg stores mean and std as float32, mmcv widens them to float64 and
+    calls ``cv2.subtract(img, mean)`` then ``cv2.multiply(img, 1 / std)`` on the float32 image (its
+    ``BGR2RGB`` step is a no-op here: the image is RGB already). The result is a channel-first view
+    of channels-last memory; call ``.contiguous()`` for a packed tensor.
+    """
+    pixels = pixels_of(image).astype(np.float32)
+    mean64 = np.array(mean, dtype=np.float32).astype(np.float64).reshape(1, -1)
+    stdinv = 1 / np.array(std, dtype=np.float32).astype(np.float64).reshape(1, -1)
+    cv2.subtract(pixels, mean64, pixels)
+    cv2.multiply(pixels, stdinv, pixels)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def pad_bottom_right(image: tv_tensors.Image, mask: tv_tensors.Mask, size: int,
@@ -232,11 +305,6 @@ def pad_bottom_right(image: tv_tensors.Image, mask: tv_tensors.Mask, size: int,
         return image, mask
     padding = [0, 0, pad_w, pad_h]
     return F.pad(image, padding, fill=0), F.pad(mask, padding, fill=ignore_index)
-
-
-def to_image(image: np.ndarray) -> tv_tensors.Image:
-    """H x W x 3 uint8 array -> ``tv_tensors.Image`` [3, H, W] (a channels-last view, no copy)."""
-    return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
 
 
 class TrainPipeline:
