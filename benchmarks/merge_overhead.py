@@ -22,6 +22,7 @@ import torch
 import algm.patch
 from segm.cli import Command
 from segm.data import create_dataset
+from segm.measure import synchronize
 from segm.model.factory import create_segmenter, net_kwargs_for
 from segm.model.token_reduction import apply_token_reduction
 from tokred.state import MergeState
@@ -38,8 +39,7 @@ class StageTimer:
         self.current: dict[str, float] = defaultdict(float)
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     @contextmanager
     def stage(self, name: str):

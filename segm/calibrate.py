@@ -39,7 +39,7 @@ def format_table(stats: list[dict[str, RunningMoments]], selected: list[int]) ->
 @click.argument("dataset", type=str)
 @root_option
 @click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
-@click.option("--max-images", type=int, default=200, show_default=True, help="Images to run (0: all).")
+@click.option("--max-images", type=click.IntRange(0), default=200, show_default=True, help="Images to run (0: all).")
 @method_options("algm", ["selected_layers", "window_size"])
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the statistics to this YAML file.")
 @device_option

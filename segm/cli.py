@@ -16,9 +16,11 @@ import functools
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import click
+import torch
 
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options, variant_token_reduction
 from tokred.errors import UsageError
@@ -193,7 +195,7 @@ def apply_requested_reduction(
     if measuring:
         options, fixed = measurement_options(patch_type, options)
     settings = apply_token_reduction(model, patch_type, trace_source=trace_source, **options)
-    if from_variant and announce:
+    if from_variant and announce and patch_type != "pure":
         click.echo(f"note: using the patch type recorded in variant.yml: {patch_type} ({format_settings(settings)}); "
                    "--patch-type chooses another", err=True)
     if fixed and announce:
@@ -218,10 +220,17 @@ def fail_cleanly(func: Callable) -> Callable:
     return wrapper
 
 
-def resolve_device(name: str | None) -> "torch.device":
-    """``cuda`` when available and nothing is asked, else the request; CUDA asked but absent is an error."""
-    import torch
+def refuse_overwriting(reads: Iterable[Path], writes: Iterable[Path], what: str) -> None:
+    """A ``UsageError`` when a file a command would write is one it reads (compared after resolving links)."""
+    inputs = {Path(p).resolve(): Path(p) for p in reads}
+    for path in writes:
+        if Path(path).resolve() in inputs:
+            raise UsageError(f"{what} would overwrite the input file {inputs[Path(path).resolve()]}; "
+                             "choose another output")
 
+
+def resolve_device(name: str | None) -> torch.device:
+    """``cuda`` when available and nothing is asked, else the request; CUDA asked but absent is an error."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -231,6 +240,23 @@ def resolve_device(name: str | None) -> "torch.device":
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
     return device
+
+
+POSITIVE = click.IntRange(1)
+PROBABILITY = click.FloatRange(0, 1)
+
+window_options = compose(
+    click.option("--window-size", type=POSITIVE, default=None,
+                 help="Sliding window of the evaluation (default: the training crop; SegFormer on Cityscapes 1024)."),
+    click.option("--window-stride", type=POSITIVE, default=None,
+                 help="Sliding-window stride (default: the model family's published one for the dataset)."),
+)
+
+
+def window_batch_option(default: int) -> Callable:
+    """``--window-batch-size``: windows per forward (adaptive merge counts are a minimum over each group)."""
+    return click.option("--window-batch-size", type=POSITIVE, default=default, show_default=True,
+                        help="Windows per forward; adaptive merge counts (ALGM) are a minimum over each group.")
 
 
 device_option = click.option(

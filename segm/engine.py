@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,6 +21,28 @@ LOG_EVERY = 100  # iterations between log lines when no progress bar is shown (b
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because a loss was NaN or infinite (the last checkpoint is left intact)."""
+
+
+class StopRequest:
+    """Set by SIGTERM (what SLURM sends before it kills a job) or SIGINT: the current iteration finishes,
+    then training stops with a checkpoint. Under torchrun/SLURM every process stops at the same
+    iteration (the flag is all-reduced), so no collective is left waiting."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> "StopRequest":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any process was asked to stop (one small all-reduce when distributed)."""
+        flag = torch.tensor(float(self.signal_name is not None), device=device)
+        return bool(all_reduce_sum(flag).item() > 0)
 
 
 def autocast_context(device: torch.device, enabled: bool, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
@@ -40,17 +63,23 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
     show_progress: bool = False,
-) -> dict[str, float]:
+    start_iteration: int = 0,
+    totals: torch.Tensor | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
     """Train for one epoch; returns the mean loss and learning rate over all iterations of all processes.
 
     The scheduler steps after every iteration. A non-finite loss raises ``NonFiniteLossError`` before
-    any parameter is updated.
+    any parameter is updated. ``start_iteration`` and ``totals`` (this process's sums of loss, lr and
+    iterations so far) continue an epoch that was stopped; when ``stop`` is set after an iteration, the
+    epoch ends early with ``stopped`` and the local ``totals`` to continue from.
     """
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64) if totals is None else totals.clone()
+    iteration = start_iteration
     bar = progress(loader, show_progress, desc=f"epoch {epoch}", leave=False)
-    for iteration, batch in enumerate(bar):
+    for batch in bar:
         im = batch["im"].to(device, non_blocking=True)
         target = batch["segmentation"].to(device, non_blocking=True).long()
         with autocast():
@@ -77,13 +106,18 @@ def train_one_epoch(
         scheduler.step()
         lr = optimizer.param_groups[0]["lr"]
         totals += torch.tensor([loss_value, lr, 1.0], dtype=torch.float64)
+        iteration += 1
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        elif show_progress and (iteration + 1) % LOG_EVERY == 0:
-            print(f"epoch {epoch} [{iteration + 1}/{len(loader)}] loss {loss_value:.4f} lr {lr:.3e}", flush=True)
-    totals = all_reduce_sum(totals.to(device)).cpu()
-    count = max(totals[2].item(), 1.0)
-    return {"loss": totals[0].item() / count, "learning_rate": totals[1].item() / count}
+        elif show_progress and iteration % LOG_EVERY == 0:
+            print(f"epoch {epoch} [{iteration}/{start_iteration + len(loader)}] loss {loss_value:.4f} lr {lr:.3e}",
+                  flush=True)
+        if stop is not None and stop.agreed(device):
+            return {"stopped": True, "iteration": iteration, "totals": totals}
+    world = all_reduce_sum(totals.to(device)).cpu()
+    count = max(world[2].item(), 1.0)
+    return {"stopped": False, "iteration": iteration, "totals": totals,
+            "loss": world[0].item() / count, "learning_rate": world[1].item() / count}
 
 
 @torch.no_grad()

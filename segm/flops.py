@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from segm.cli import (
+    POSITIVE,
     Command,
     apply_requested_reduction,
     fail_cleanly,
@@ -97,7 +98,7 @@ def block_tokens(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]
 
 @click.command(cls=Command)
 @measurement_options
-@click.option("--max-images", type=int, default=None, help="Average over the first N images only.")
+@click.option("--max-images", type=POSITIVE, default=None, help="Average over the first N images only.")
 @click.option("--breakdown", "show_breakdown", is_flag=True, default=False,
               help="Print a table per stage (patch embed, blocks with token counts, decoder, merging + upsampling).")
 @token_reduction_options

@@ -15,8 +15,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segm.cli import Command, apply_requested_reduction, fail_cleanly, reduction_request, resolve_device, token_reduction_options
-from segm.data import STATS, dataset_info, dataset_names, load_rgb
+from segm.cli import (
+    Command,
+    apply_requested_reduction,
+    device_option,
+    fail_cleanly,
+    reduction_request,
+    refuse_overwriting,
+    resolve_device,
+    token_reduction_options,
+    window_batch_option,
+)
+from segm.data import dataset_info, dataset_names, load_rgb
+from segm.images import model_input, resize_rgb, short_side_size
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.inference import inference
 from segm.utils.progress import progress
@@ -36,28 +47,17 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def resize_short_side(rgb: np.ndarray, size: int) -> np.ndarray:
-    scale = size / min(rgb.shape[:2])
-    h, w = round(rgb.shape[0] * scale), round(rgb.shape[1] * scale)
-    return np.array(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-
-
-def to_tensor(rgb: np.ndarray, normalization: str) -> torch.Tensor:
-    stats = STATS[normalization]
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
-    return ((x - torch.tensor(stats["mean"])[:, None, None]) / torch.tensor(stats["std"])[:, None, None])[None]
-
-
 @click.command(cls=Command)
 @click.option("--model-path", type=click.Path(path_type=Path), required=True, help="checkpoint.pth (variant.yml beside it).")
 @click.option("-i", "--input-dir", type=click.Path(path_type=Path), required=True, help="Folder of images.")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Folder for the blended predictions.")
-@click.option("--gpu/--cpu", "use_gpu", default=None, help="Device (default: the GPU when there is one).")
+@click.option("--gpu/--cpu", "use_gpu", default=None, help="The reference's device flags (--device chooses any device).")
+@device_option
 @click.option("--dataset", type=click.Choice(dataset_names()), default=None,
               help="Palette and class names (default: the dataset the model was trained on).")
 @click.option("--resize/--no-resize", default=False, show_default=True,
               help="Resize the short side to the model's im_size first (the reference does not).")
-@click.option("--window-batch-size", type=int, default=2, show_default=True)
+@window_batch_option(2)
 @click.option("--show-merges", is_flag=True, default=False,
               help="Draw the merge groups of every reduction step beside the prediction.")
 @token_reduction_options
@@ -65,8 +65,11 @@ def to_tensor(rgb: np.ndarray, normalization: str) -> torch.Tensor:
 def main(model_path: Path, input_dir: Path, output_dir: Path, use_gpu: bool | None, **opts: Any) -> None:
     """Segment every image of INPUT_DIR and write blended predictions (same file names) to OUTPUT_DIR."""
     request = reduction_request(opts)
-    device = resolve_device(None if use_gpu is None else ("cuda" if use_gpu else "cpu"))
+    if opts["device"] is not None and use_gpu is not None:
+        raise UsageError("give --device or --gpu/--cpu, not both")
+    device = resolve_device(opts["device"] if use_gpu is None else ("cuda" if use_gpu else "cpu"))
     images = list_images(input_dir)
+    refuse_overwriting(images + [model_path], [output_dir / p.name for p in images], f"--output-dir {output_dir}")
     model, variant = load_model(model_path)
     patch_type, _ = apply_requested_reduction(model, request, variant, trace_source=opts["show_merges"])
     model.to(device).eval()
@@ -82,8 +85,8 @@ def main(model_path: Path, input_dir: Path, output_dir: Path, use_gpu: bool | No
     for path in progress(images, desc="images"):
         rgb = load_rgb(path)
         if opts["resize"]:
-            rgb = resize_short_side(rgb, inf.get("im_size", crop))
-        x = to_tensor(rgb, normalization).to(device)
+            rgb = resize_rgb(rgb, short_side_size(*rgb.shape[:2], inf.get("im_size", crop)))
+        x = model_input(rgb, normalization)[None].to(device)
         with torch.no_grad():
             probs = inference(model, [x], [{"flip": False}], rgb.shape[:2], window, stride, opts["window_batch_size"])
         out = blend(rgb, colorize(probs.argmax(0), info.palette))

@@ -20,12 +20,12 @@ import click
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from segm.cli import compose, device_option, root_option
+from segm.cli import POSITIVE, compose, device_option, root_option
 from segm.config import backbone_family
-from segm.data import STATS, create_dataset, dataset_info
+from segm.data import create_dataset, dataset_info
+from segm.images import model_input, resize_rgb, short_side_size
 from segm.model.factory import (
     DECODERS,
     DECODERS_BY_FAMILY,
@@ -38,6 +38,12 @@ from segm.model.factory import (
 from segm.utils.progress import progress
 from tokred.errors import UsageError
 from tokred.profiling import PREFIX
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measured_model(
@@ -78,23 +84,16 @@ class MeasurementImages(Dataset):
         self.source = source
         self.size = size
         self.keep_aspect = keep_aspect
-        self.mean = torch.tensor(STATS[normalization]["mean"])[:, None, None]
-        self.std = torch.tensor(STATS[normalization]["std"])[:, None, None]
+        self.normalization = normalization
         self.length = len(source) if limit is None else min(limit, len(source))
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = Image.fromarray(self.source.image(index))
-        if self.keep_aspect:
-            scale = self.size / min(image.size)
-            target = (round(image.size[0] * scale), round(image.size[1] * scale))
-        else:
-            target = (self.size, self.size)
-        rgb = np.asarray(image.resize(target, Image.BILINEAR), dtype=np.float32) / 255.0
-        x = torch.from_numpy(rgb).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        rgb = self.source.image(index)
+        target = short_side_size(*rgb.shape[:2], self.size) if self.keep_aspect else (self.size, self.size)
+        return model_input(resize_rgb(rgb, target), self.normalization)
 
 
 def measurement_loader(
@@ -151,8 +150,8 @@ measurement_options: Callable = compose(
     click.option("--backbone", type=str, default=None, help="Backbone for random weights (without --model-dir)."),
     click.option("--decoder", type=click.Choice(DECODERS), default=None,
                  help="Decoder for random weights (default: mask_transformer for ViT backbones, segformer for MiT)."),
-    click.option("--crop-size", type=int, default=None, help="Input size for random weights (default 512)."),
-    click.option("--batch-size", type=int, default=1, show_default=True),
+    click.option("--crop-size", type=POSITIVE, default=None, help="Input size for random weights (default 512)."),
+    click.option("--batch-size", type=POSITIVE, default=1, show_default=True),
     click.option("--keep-aspect", is_flag=True, default=False,
                  help="Resize the short side to the crop instead of squashing to a square."),
     device_option,

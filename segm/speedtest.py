@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from segm.cli import (
+    POSITIVE,
     Command,
     ReductionRequest,
     apply_requested_reduction,
@@ -28,17 +29,12 @@ from segm.cli import (
     resolve_device,
     token_reduction_options,
 )
-from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options
+from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options, synchronize
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, variant_token_reduction
 from segm.utils.progress import progress
 from tokred.errors import UsageError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_forward(model: nn.Module, x: torch.Tensor, device: torch.device, autocast: Callable) -> float:
@@ -114,9 +110,9 @@ def reduction_setups(model: nn.Module, request: ReductionRequest, variant: dict[
 
 @click.command(cls=Command)
 @measurement_options
-@click.option("--repeat", type=int, default=32, show_default=True, help="Copies of each batch per forward.")
-@click.option("--warmup", type=int, default=50, show_default=True, help="Untimed forwards first.")
-@click.option("--iters", type=int, default=None, help="Timed forwards (default: the rest of the validation set).")
+@click.option("--repeat", type=POSITIVE, default=32, show_default=True, help="Copies of each batch per forward.")
+@click.option("--warmup", type=click.IntRange(0), default=50, show_default=True, help="Untimed forwards first.")
+@click.option("--iters", type=POSITIVE, default=None, help="Timed forwards (default: the rest of the validation set).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True, help="Autocast dtype.")
 @click.option("--channels-last", is_flag=True, default=False, help="Channels-last input (helps the patch embedding).")
 @click.option("--compare", is_flag=False, flag_value="pure,algm", default=None, metavar="A,B",

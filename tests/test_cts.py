@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from segm.measure import flop_analysis
 from segm.model.factory import create_segmenter, load_model, load_policy_weights

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -57,8 +56,12 @@ def test_miou_prints_reference_lines_and_matches_a_bruteforce_evaluation(checkpo
     assert float(values["mean_iou"]) == miou_value
     assert "images: 8" in result.stdout
     scores = yaml.safe_load((path.parent / "scores_ss.yml").read_text())
-    assert set(scores) == {"cat_iou", "inference", "mean_accuracy", "mean_iou", "pixel_accuracy"}
+    assert set(scores) == {"cat_iou", "inference", "mean_accuracy", "mean_iou", "pixel_accuracy", "settings"}
     assert scores["mean_iou"] == miou_value and len(scores["cat_iou"]) == 16
+    assert scores["settings"] == {
+        "checkpoint": str(path), "dataset": "synthetic", "split": "val", "images": 8, "frac_dataset": 0.125,
+        "patch_type": "pure", "patch_settings": {}, "short_side": 96, "window_size": 64, "window_stride": 40,
+        "window_batch_size": 3}
     assert "| class" in result.stdout
 
 
@@ -83,6 +86,16 @@ def test_miou_with_algm_options_and_save_images(checkpoint):
     with zipfile.ZipFile(path.parent / "images.zip") as archive:
         assert len([n for n in archive.namelist() if n.endswith(".png")]) == 12
     assert not list(path.parent.glob(".images-partial*"))
+    first = next((images / "pred").iterdir()).read_bytes()
+    again = run_miou(str(path), "synthetic", "--im-size", "64", "--save-images", "--frac-dataset", "0.03125",
+                     "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    old = [p for p in path.parent.iterdir() if p.name.startswith("old-")]
+    assert len(old) == 1 and f"note: moved the earlier evaluation images to {old[0]}" in again.stderr
+    assert sorted(p.name for p in old[0].iterdir()) == ["images", "images.zip"]
+    assert len(list((old[0] / "images" / "pred").glob("*.png"))) == 4
+    assert first in {p.read_bytes() for p in (old[0] / "images" / "pred").iterdir()}
+    assert len(list((images / "pred").glob("*.png"))) == 2
 
 
 @pytest.mark.parametrize("args,message", [

@@ -18,13 +18,13 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segm.data import DatasetError, create_dataset
+from segm.data import DatasetError, EpochSampler, create_dataset
 from segm.data.synthetic.write import write_layout
 from segm.model.factory import load_policy_weights
 from segm.model.policy_net import PolicyNet
 from segm.policy import labels as labels_cli
 from segm.policy import train as train_cli
-from segm.policy.data import PolicyDataset, ResumableSampler, batch_stream, policy_loader
+from segm.policy.data import PolicyDataset, batch_stream, policy_loader
 from segm.policy.labels import POLICY_RULES, PolicyRule, policy_labels, policy_rule
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -165,7 +165,7 @@ class Keys(Dataset):
 
 def test_a_stream_started_part_way_yields_the_same_batches():
     def take(start: int, count: int) -> list[list]:
-        loader = policy_loader(Keys(), 4, ResumableSampler(Keys(), seed=3))
+        loader = policy_loader(Keys(), 4, EpochSampler(Keys(), seed=3))
         stream = batch_stream(loader, start)
         return [next(stream).tolist() for _ in range(count)]
 

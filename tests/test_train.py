@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from segm.engine import NonFiniteLossError, train_one_epoch
 from segm.model.factory import load_model
 from segm.optim import PolynomialLR
+from segm.train import main as train_cli
 
 BASE = ["--dataset", "synthetic", "--backbone", "vit_tiny_patch16_384", "--decoder", "linear", "--no-pretrained",
         "--im-size", "64", "--crop-size", "64", "--window-size", "64", "--window-stride", "64", "--batch-size", "4",
@@ -59,7 +61,7 @@ def test_training_writes_checkpoint_log_variant_and_one_best_checkpoint(tmp_path
     best = torch.load(run / "best_checkpoint.pth", weights_only=True)
     assert best["best_mean_iou"] == max(rec["val_mean_iou"] for rec in log)
     assert log[best["best_epoch"]]["val_mean_iou"] == best["best_mean_iou"]
-    assert sorted(p.name for p in run.iterdir()) == ["best_checkpoint.pth", "checkpoint.pth", "log.txt", "variant.yml"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best_checkpoint.pth", "checkpoint.pth", "log.txt", "variant.yml"]
     model, _ = load_model(run / "checkpoint.pth")
     assert model.n_cls == 16
     assert "Stats [1]:" in result.stdout and "(16 images)" in result.stdout
@@ -105,13 +107,14 @@ def test_zero_epochs_are_honoured_and_a_finished_run_restarts_as_a_no_op(tmp_pat
     (["--batch-size", "3", "--device", "cpu"], None),
 ])
 def test_bad_options_give_one_clear_error(tmp_path, args, message):
-    result = run_train(tmp_path / "run", *args, "--epochs", "1", check=False)
     if message is None:
-        assert result.returncode == 0
+        assert run_train(tmp_path / "run", *args, "--epochs", "1", check=False).returncode == 0
         return
-    assert result.returncode == 2
+    result = CliRunner().invoke(train_cli, ["--log-dir", str(tmp_path / "run"), *BASE, *args, "--epochs", "1"])
+    assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
 
 def test_unwritable_log_dir(tmp_path):
@@ -126,8 +129,10 @@ def test_checkpoint_of_another_model_in_log_dir(tmp_path):
     run = tmp_path / "run"
     run_train(run, "--epochs", "1")
     result = run_train(run, "--epochs", "2", "--decoder", "mask_transformer", check=False)
-    assert result.returncode == 2
-    assert "does not match the model" in result.stderr and "start a new --log-dir or pass --no-resume" in result.stderr
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"error: {run} holds a run with other settings (" in result.stderr
+    assert "net_kwargs.decoder.name: 'linear' -> 'mask_transformer'" in result.stderr
+    assert "start over with --no-resume --overwrite (the old files move to old-<time>/)" in result.stderr
 
 
 def test_non_finite_loss_stops_before_any_update():

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from segm.config import dataset_dir
 from segm.data.base import SPLITS, DatasetInfo, DatasetSpec
-from segm.data.io import DatasetError, image_size, load_label
+from segm.data.io import DatasetError, image_size, load_label, load_rgb
 from segm.data.layout import MAX_LISTED, FolderLayout
 from segm.data.loader import create_dataset
 from segm.data.registry import dataset_names, get_spec
@@ -50,12 +50,13 @@ class Report:
         self.problems.extend(other.problems)
 
 
-def check_pair(info: DatasetInfo, image_path: Path, label_path: Path) -> Report:
-    """Read one label (and its image's header) and count its mapped values."""
+def check_pair(info: DatasetInfo, image_path: Path, label_path: Path, quick: bool = False) -> Report:
+    """Read one label and decode its image fully (only the image's header with ``quick``), count the
+    label's mapped values; a truncated or corrupt image is reported with its path."""
     report = Report()
     try:
         raw = load_label(label_path)
-        shape = image_size(image_path)
+        shape = image_size(image_path) if quick else load_rgb(image_path).shape[:2]
     except DatasetError as err:
         report.problems.append(str(err))
         return report
@@ -74,20 +75,22 @@ def check_pair(info: DatasetInfo, image_path: Path, label_path: Path) -> Report:
     return report
 
 
-def _check_chunk(args: tuple[DatasetInfo, list[tuple[Path, Path]]]) -> Report:
-    info, pairs = args
+def _check_chunk(args: tuple[DatasetInfo, list[tuple[Path, Path]], bool]) -> Report:
+    info, pairs, quick = args
     report = Report()
     for image_path, label_path in pairs:
-        report.add(check_pair(info, image_path, label_path))
+        report.add(check_pair(info, image_path, label_path, quick))
     return report
 
 
-def _chunks(info: DatasetInfo, pairs: list[tuple[Path, Path]]) -> Iterator[tuple[DatasetInfo, list[tuple[Path, Path]]]]:
+def _chunks(info: DatasetInfo, pairs: list[tuple[Path, Path]], quick: bool
+            ) -> Iterator[tuple[DatasetInfo, list[tuple[Path, Path]], bool]]:
     for start in range(0, len(pairs), _CHUNK):
-        yield info, pairs[start:start + _CHUNK]
+        yield info, pairs[start:start + _CHUNK], quick
 
 
-def check_folder(spec: DatasetSpec, layout: FolderLayout, split: str, root: Path, workers: int) -> Report:
+def check_folder(spec: DatasetSpec, layout: FolderLayout, split: str, root: Path, workers: int,
+                 quick: bool = False) -> Report:
     """Check the files of ``split`` under ``root`` (raises DatasetError when a folder is missing)."""
     pairing = layout.pair(root, split)
     report = Report(n_images=len(pairing.pairs) + len(pairing.images_without_label))
@@ -95,8 +98,8 @@ def check_folder(spec: DatasetSpec, layout: FolderLayout, split: str, root: Path
         report.problems.append(f"no '*{layout.image_suffix}' images in {layout.image_dir(root, split)}")
     report.problems.extend(pairing.problems())
     info = spec.info
-    chunks = list(_chunks(info, pairing.pairs))
-    progress = tqdm(total=len(pairing.pairs), desc=f"checking {spec.name} {split}", unit="label",
+    chunks = list(_chunks(info, pairing.pairs, quick))
+    progress = tqdm(total=len(pairing.pairs), desc=f"checking {spec.name} {split}", unit="pair",
                     disable=not sys.stderr.isatty())
     with progress:
         if workers > 1 and len(chunks) > 1:
@@ -137,14 +140,15 @@ def format_report(info: DatasetInfo, report: Report) -> str:
     return "\n".join(lines)
 
 
-def run_check(name: str, split: str, root: Path | None = None, workers: int = 1) -> int:
+def run_check(name: str, split: str, root: Path | None = None, workers: int = 1, quick: bool = False) -> int:
     """Check a dataset split, print the report, and return the exit status (0 = all good)."""
     spec = get_spec(name)
     try:
         if spec.layout is None:
             report = check_in_memory(name, split)
         else:
-            report = check_folder(spec, spec.layout, split, Path(root) if root is not None else dataset_dir(), workers)
+            root = Path(root) if root is not None else dataset_dir()
+            report = check_folder(spec, spec.layout, split, root, workers, quick)
     except (DatasetError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         return 1
@@ -173,10 +177,12 @@ def check_prepared(name: str, root: Path, workers: int = min(8, os.cpu_count() o
 @click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder holding the datasets (default: $DATASET).")
-@click.option("--workers", type=int, default=min(8, os.cpu_count() or 1), show_default=True,
-              help="Processes reading labels.")
-def main(name: str, split: str, root: Path | None, workers: int) -> None:
-    sys.exit(run_check(name, split, root, workers))
+@click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 1), show_default=True,
+              help="Processes reading the files.")
+@click.option("--quick", is_flag=True, default=False,
+              help="Read only the images' headers (sizes) instead of decoding every image.")
+def main(name: str, split: str, root: Path | None, workers: int, quick: bool) -> None:
+    sys.exit(run_check(name, split, root, workers, quick))
 
 
 if __name__ == "__main__":

@@ -40,15 +40,29 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """Decode an image to a ``uint8`` H x W x 3 RGB array.
 
     Greyscale, palette, CMYK and RGBA images are converted to RGB (alpha is dropped) and the
-    EXIF orientation is applied, as OpenCV's ``imread`` does for the reference. A missing or
-    corrupt file raises :class:`DatasetError` naming it.
+    EXIF orientation is applied, as OpenCV's ``imread`` does for the reference; 16-bit greyscale
+    images are scaled to 8 bits as ``imread`` scales them (the high byte), not saturated. A missing
+    or corrupt file raises :class:`DatasetError` naming it.
     """
     image = _open(path, "image")
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
+        grey = _eight_bits(np.array(image), path)
+        return np.repeat(grey[:, :, None], 3, axis=2)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.array(image)
+
+
+def _eight_bits(values: np.ndarray, path: str | Path) -> np.ndarray:
+    """A 16-bit (or wider integer) greyscale image as 8 bits: values up to 255 kept, 16-bit ones >> 8."""
+    top = int(values.max()) if values.size else 0
+    if values.min() < 0 or top > 65535:
+        raise DatasetError(f"image file {path} holds integer values outside 0..65535; convert it to an 8-bit image")
+    if values.dtype == np.uint8 or (values.dtype != np.uint16 and top <= 255):
+        return values.astype(np.uint8)
+    return (values.astype(np.uint32) >> 8).astype(np.uint8)
 
 
 def load_label(path: str | Path) -> np.ndarray:

@@ -9,6 +9,7 @@ workers and whether they persist make no difference.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,11 +76,21 @@ class EpochSampler(DistributedSampler):
     def __init__(self, dataset: SegmentationDataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        """Sample epoch ``epoch`` from this process's ``skip``-th sample on (continuing a stopped epoch)."""
+        self.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = list(super().__iter__())
         seeds = torch.randint(0, _SEED_RANGE, (self.total_size,), generator=generator(self.seed, self.epoch))
-        return iter(zip(indices, seeds[self.rank:self.total_size:self.num_replicas].tolist()))
+        pairs = zip(indices, seeds[self.rank:self.total_size:self.num_replicas].tolist())
+        return itertools.islice(pairs, self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
 
 
 class ShardSampler(Sampler[int]):
@@ -138,11 +149,15 @@ def seed_worker(worker_id: int) -> None:
 
 
 class SegmentationLoader(DataLoader):
-    """A DataLoader with ``set_epoch``, forwarded to its sampler (call it at the start of every epoch)."""
+    """A DataLoader with ``set_epoch``, forwarded to its sampler (call it at the start of every epoch), and
+    ``set_position`` to start a training epoch after its first ``skip`` samples (a stopped epoch)."""
 
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.sampler.set_position(epoch, skip)
 
 
 def _process_group() -> tuple[int, int]:

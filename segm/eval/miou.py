@@ -9,6 +9,8 @@ lines and a per-class table and writes ``scores_{ss,ms}.yml`` beside the checkpo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
@@ -22,6 +24,7 @@ import yaml
 from PIL import Image
 
 from segm.cli import (
+    POSITIVE,
     Command,
     ReductionRequest,
     apply_requested_reduction,
@@ -31,12 +34,15 @@ from segm.cli import (
     resolve_device,
     root_option,
     token_reduction_options,
+    window_batch_option,
+    window_options,
 )
 from segm.config import backbone_family, dataset_config, family_overrides
 from segm.data import STATS, create_dataset, create_loader
 from segm.data.loader import ShardSampler
 from segm.engine import evaluate
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
+from segm.run_dir import move_aside
 from segm.utils import distributed
 from segm.visualize import blend, colorize, denormalize
 from tokred.errors import UsageError
@@ -89,6 +95,16 @@ def write_archive(folder: Path) -> Path:
     return final
 
 
+def scores_path(model_dir: Path, suffix: str, settings: dict[str, Any]) -> Path:
+    """``scores_<ss|ms>.yml``, unless that file holds the scores of other settings: then a file named by
+    these settings' digest, so that no evaluation silently replaces another one's scores."""
+    plain = model_dir / f"scores_{suffix}.yml"
+    if not plain.exists() or (yaml.safe_load(plain.read_text()) or {}).get("settings") == settings:
+        return plain
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return model_dir / f"scores_{suffix}-{digest}.yml"
+
+
 def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> str:
     """A Markdown table of per-class IoU and accuracy (percent)."""
     width = max([len("class")] + [len(n) for n in names])
@@ -105,19 +121,15 @@ def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> 
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.argument("dataset_name", type=str)
 @root_option
-@click.option("--im-size", type=int, default=None, help="Short side of the test images (default: config.yml's for the dataset).")
+@click.option("--im-size", type=POSITIVE, default=None, help="Short side of the test images (default: config.yml's for the dataset).")
 @click.option("--multiscale/--singlescale", default=False, show_default=True, help="6 scales x flip, or one view.")
 @click.option("--blend/--no-blend", default=True, show_default=True, help="Blend saved predictions with the input.")
-@click.option("--window-size", type=int, default=None,
-              help="Sliding window (default: the training crop size; SegFormer on Cityscapes: 1024).")
-@click.option("--window-stride", type=int, default=None,
-              help="Window stride (default: crop - 32, 512 for cityscapes; SegFormer: the window, 768 on Cityscapes).")
-@click.option("--window-batch-size", type=int, default=4, show_default=True,
-              help="Windows per forward; adaptive merge counts (ALGM) are a minimum over each group.")
+@window_options
+@window_batch_option(4)
 @click.option("--save-images/--no-save-images", default=False, show_default=True, help="Write images/ and images.zip beside the model.")
 @click.option("-frac-dataset", "--frac-dataset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Evaluate the first ceil(fraction x N) validation images (in 0..1, 0 excluded).")
-@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True)
 @device_option
 @token_reduction_options
 @fail_cleanly
@@ -138,7 +150,7 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: Redu
     model, variant = load_model(model_path)
     ds_cfg = dataset_config(dataset_name)
     trained = variant.get("dataset_kwargs", {})
-    apply_requested_reduction(model, request, variant, announce=env.is_main)
+    patch_type, settings = apply_requested_reduction(model, request, variant, announce=env.is_main)
     model.to(device).eval()
 
     crop_size = variant_crop_size(variant)
@@ -160,8 +172,10 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: Redu
     saver = None
     if opts["save_images"]:
         images_dir = model_dir / "images"
-        if env.is_main and images_dir.exists():
-            shutil.rmtree(images_dir)
+        if env.is_main:
+            moved = move_aside(model_dir, ("images", "images.zip"))
+            if moved is not None:
+                click.echo(f"note: moved the earlier evaluation images to {moved}", err=True)
         distributed.barrier()
         saver = ImageSaver(images_dir, dataset, normalization, opts["blend"])
     scores = evaluate(model, loader, dataset.n_cls, window_size, window_stride, device,
@@ -184,9 +198,16 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: Redu
         "mean_accuracy": scores["mean_accuracy"],
         "mean_iou": scores["mean_iou"],
         "pixel_accuracy": scores["pixel_accuracy"],
+        "settings": {
+            "checkpoint": str(model_path), "dataset": dataset_name, "split": "val", "images": scores["images"],
+            "frac_dataset": opts["frac_dataset"], "patch_type": patch_type, "patch_settings": settings,
+            "short_side": im_size, "window_size": window_size, "window_stride": window_stride,
+            "window_batch_size": opts["window_batch_size"],
+        },
     }
-    suffix = "ms" if opts["multiscale"] else "ss"
-    (model_dir / f"scores_{suffix}.yml").write_text(yaml.safe_dump(out))
+    path = scores_path(model_dir, "ms" if opts["multiscale"] else "ss", out["settings"])
+    path.write_text(yaml.safe_dump(out))
+    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ index for a bare int), so runs are reproducible whatever the number of workers. 
 indexed by int: their crop is random but fixed per image, as CTS also crops its validation images.
 
 The policy network trains for a number of iterations, not epochs, and checkpoints inside an epoch;
-:class:`ResumableSampler` starts an epoch part-way without loading the skipped samples, and
+:meth:`EpochSampler.set_position` starts an epoch part-way without loading the skipped samples, and
 :func:`batch_stream` yields the batches of iteration ``start`` onwards, so a resumed run sees exactly the
 batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import torch
@@ -72,29 +71,11 @@ class PolicyDataset(Dataset):
         return ((pixels - self.mean) / self.std).contiguous(), target
 
 
-class ResumableSampler(EpochSampler):
-    """:class:`~segm.data.EpochSampler` that can start its epoch after the first ``skip`` samples."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0
-
-    def set_position(self, epoch: int, skip: int) -> None:
-        """Sample epoch ``epoch`` from its ``skip``-th sample of this process on."""
-        self.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-
 def policy_loader(dataset: PolicyDataset, batch_size: int, sampler: Sampler | None, *, num_workers: int = 0,
                   seed: int = 0, rank: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A loader of ``dataset`` in ``sampler``'s order; a :class:`ResumableSampler` drops the last partial batch."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=isinstance(sampler, ResumableSampler),
+    """A loader of ``dataset`` in ``sampler``'s order; a training sampler (:class:`EpochSampler`) drops the last
+    partial batch."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=isinstance(sampler, EpochSampler),
                       **loader_settings(num_workers, seed, rank, pin_memory))
 
 
@@ -104,7 +85,7 @@ def iterations_per_epoch(loader: DataLoader) -> int:
 
 
 def batch_stream(loader: DataLoader, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches of iteration ``start`` onwards, epoch after epoch (the loader's sampler is a ResumableSampler)."""
+    """The batches of iteration ``start`` onwards, epoch after epoch (the loader's sampler is an EpochSampler)."""
     per_epoch = iterations_per_epoch(loader)
     epoch, offset = divmod(start, per_epoch)
     while True:

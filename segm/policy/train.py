@@ -27,13 +27,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from segm.cli import Command, device_option, fail_cleanly, resolve_device, root_option
-from segm.data import create_dataset, per_process_batch_size
+from segm.data import EpochSampler, create_dataset, per_process_batch_size
 from segm.data.loader import ShardSampler
 from segm.data.transforms import IGNORE_INDEX
 from segm.engine import NonFiniteLossError
 from segm.model.weights import check_state_dict, read_checkpoint, to_float32
 from segm.model.policy_net import PolicyNet
-from segm.policy.data import PolicyDataset, ResumableSampler, batch_stream, iterations_per_epoch, policy_loader
+from segm.policy.data import PolicyDataset, batch_stream, iterations_per_epoch, policy_loader
 from segm.utils import distributed
 from segm.utils.checkpoint import gather_rng_states, prepare_log_dir, save_atomic, set_rng_states
 from segm.utils.progress import progress
@@ -201,7 +201,7 @@ def train(opts: dict[str, Any], env: distributed.DistEnv, device: torch.device) 
     splits = {split: PolicyDataset(create_dataset(name, split, root=opts["root"], seed=seed, max_images=opts["max_images"]))
               for split in ("train", "val")}
     pin = device.type == "cuda"
-    sampler = ResumableSampler(splits["train"], env.world_size, env.rank, seed=seed)
+    sampler = EpochSampler(splits["train"], env.world_size, env.rank, seed=seed)
     train_loader = policy_loader(splits["train"], batch, sampler, num_workers=opts["num_workers"], seed=seed,
                                  rank=env.rank, pin_memory=pin)
     val_loader = policy_loader(splits["val"], batch, ShardSampler(len(splits["val"]), env.world_size, env.rank),

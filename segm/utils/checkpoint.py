@@ -3,8 +3,10 @@ the random states an exact resume restores, and the run folder they go to."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,22 @@ from segm.utils import distributed
 from tokred.errors import UsageError
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside ``obj`` (nested dicts, lists, tuples): about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` so that a crash never leaves a truncated file under that name."""
+    """``torch.save`` to ``path`` so that a crash never leaves a truncated file under that name.
+
+    A full disk is one line (free and needed space); the previous file under ``path`` is left intact.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -25,6 +41,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if getattr(err, "errno", None) != errno.ENOSPC and "No space left" not in str(err):
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise UsageError(f"could not write {path.name}: no space left on device (free {free:.0f} MB, needed "
+                         f"{tensor_bytes(obj) / 2**20:.0f} MB); the previous {path.name} is intact") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -56,13 +79,18 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def gather_objects(env: distributed.DistEnv, obj: Any) -> list[Any]:
+    """``obj`` of every process (index = rank); the process's own in a single-process run."""
+    if not env.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def gather_rng_states(env: distributed.DistEnv) -> list[Any]:
     """Random states of every process (index = rank), for an exact resume."""
-    if not env.distributed:
-        return [rng_states()]
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, rng_states())
-    return states
+    return gather_objects(env, rng_states())
 
 
 def prepare_log_dir(log_dir: Path) -> None:
