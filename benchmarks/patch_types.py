@@ -1,7 +1,7 @@
 """Every patch type against pure on the same weights: GFLOPs, images/s and how much FLOP saving becomes time.
 
-One model (random weights, default ViT-S/16 + mask transformer at 512), synthetic scenes squashed to the
-crop. GFLOPs are fvcore's per image (the ``segm.flops`` counter) averaged over the timed images; im/s use
+One model (random weights, default ViT-S/16 + mask transformer at 512; a MiT backbone gets the SegFormer
+head), synthetic scenes squashed to the crop. GFLOPs are fvcore's per image (the ``segm.flops`` counter) averaged over the timed images; im/s use
 the speedtest protocol (each image repeated ``--repeat`` times per forward), with all points timed
 interleaved on the same images in one run, so the ratios to pure are what matter. ``efficiency =
 speed-up x FLOPs ratio``: 1.0 means every FLOP saved became time saved.
@@ -9,7 +9,9 @@ speed-up x FLOPs ratio``: 1.0 means every FLOP saved became time saved.
     python benchmarks/patch_types.py [--point tome:r=8 --point tome_sublayer:ratio=0.3 ...] [--out FILE.md]
 
 A point is ``NAME`` or ``NAME:key=value,key=value`` (values in YAML, e.g. ``algm:selected_layers=[1, 5]``);
-without ``--point`` every registered patch type runs at its defaults. Randomised options take their
+without ``--point`` every registered ViT patch type runs at its defaults. With a ``cts`` point the model
+holds a random CTS policy network (which the other patch types never run). ACT points add their cluster
+counts per block (mean over the timed images, the heads and the hash rows) below the table. Randomised options take their
 measurement default (ACT's seed 0), shown in the settings column.
 """
 
@@ -59,15 +61,20 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat:
     chosen = [(label, name, measurement_options(name, options)[0]) for label, name, options in chosen]
     if all(name != "pure" for _, name, _ in chosen):
         chosen.insert(0, ("pure", "pure", {}))
-    model, info = measured_model(None, backbone, "mask_transformer", crop, 150)
+    model, info = measured_model(None, backbone, None, crop, 150,
+                                 patch_types=[name for _, name, _ in chosen])
+    if not points:
+        chosen = [point for point in chosen if PATCH_TYPES[point[1]].why_not(model) is None]
     loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters)
     timed_images = list(batches(loader, warmup + iters))[warmup:]
-    setups, gflops, settings = {}, {}, {}
+    setups, gflops, settings, clusters = {}, {}, {}, {}
     with torch.no_grad():
         for label, name, options in chosen:
             settings[label] = apply_token_reduction(model, name, **options)
             gflops[label] = statistics.mean(flop_analysis(model, x).total() / 1e9 for x in timed_images)
             setups[label] = lambda name=name, options=options: apply_token_reduction(model, name, **options)
+            if name == "act":
+                clusters[label] = act_clusters(model, timed_images)
     model.to(dev)
     times = measure(model, loader, dev, repeat, warmup, iters, nullcontext, False, setups, show_progress=False)
     fps = {label: repeat / statistics.mean(t) for label, t in times.items()}
@@ -75,7 +82,7 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat:
     cpu = platform.processor() or platform.machine()
     card = torch.cuda.get_device_name(dev) if gpu else f"{cpu}, {torch.get_num_threads()} CPU threads"
     lines = [
-        f"{backbone} + mask transformer at {crop}x{crop}, random weights, synthetic scenes squashed to the crop, "
+        f"{backbone} + {decoder_name(model)} at {crop}x{crop}, random weights, synthetic scenes squashed to the crop, "
         f"150 classes; device {device} ({card}, torch {torch.__version__}); batch = 1 image x {repeat} copies, "
         f"{warmup} warm-up and {iters} timed forwards per point, all points interleaved, fp32.",
         "",
@@ -85,9 +92,28 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat:
     for label, name, _ in chosen:
         ratio, speedup = gflops[label] / gflops[base], fps[label] / fps[base]
         shown = ", ".join(f"{k}={v}" for k, v in settings[label].items())
-        lines.append(f"| {name} | {shown} | {gflops[label]:.2f} | {ratio:.3f} | {fps[label]:.2f} | {speedup:.3f} | "
+        lines.append(f"| {name} | {shown} | {gflops[label]:.3f} | {ratio:.3f} | {fps[label]:.2f} | {speedup:.3f} | "
                      f"{speedup * ratio:.3f} |")
+    for label, per_block in clusters.items():
+        lines += ["", f"{label}: query clusters per block (of {per_block[1]} tokens): "
+                  + ", ".join(f"{c:.1f}" for c in per_block[0])]
     emit("\n".join(lines), out)
+
+
+def act_clusters(model: torch.nn.Module, images: list[torch.Tensor]) -> tuple[list[float], int]:
+    """ACT's mean cluster count per block over ``images`` (heads and hash rows averaged), and the token count."""
+    per_image = []
+    for x in images:
+        tokens, state = model.encoder.forward_tokens(x)
+        per_image.append([float(mean) for _, mean in state.scratch["act_clusters"]])
+    return [statistics.mean(column) for column in zip(*per_image)], tokens.shape[1]
+
+
+def decoder_name(model: torch.nn.Module) -> str:
+    """How the table names the model's head."""
+    head = getattr(model, "decoder", None) or model.decode_head
+    names = {"MaskTransformer": "mask transformer", "DecoderLinear": "linear decoder", "SegformerHead": "SegFormer head"}
+    return names.get(type(head).__name__, type(head).__name__)
 
 
 if __name__ == "__main__":

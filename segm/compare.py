@@ -5,7 +5,8 @@ every point of its sweep (``--sweep default`` uses each patch type's own, scaled
 maps method names to lists of option dicts), the weights are used off the shelf and measured the same
 way: single-scale sliding-window mIoU on the validation split (the first ``--max-images``), fvcore
 GFLOPs per image on the validation images squashed to the crop, images/s with the speedtest protocol
-(``--repeat`` copies, warm-up, synchronised), the tokens entering each block and the share of the forward
+(``--repeat`` copies, warm-up, synchronised; each point interleaved with the pure model, and its speed-up
+the ratio of the two), the tokens entering each block and the share of the forward
 spent on reduction bookkeeping (profiler). When the checkpoint records a patch type, its settings are the
 base of that method's points (ALGM at the model's layers). Results go to ``DIR/results.jsonl`` as they
 come (a rerun skips the points already there), then ``results.md``, ``pareto.png`` and ``protocol.md``.
@@ -19,7 +20,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 import torch
@@ -126,6 +127,15 @@ def done_keys(path: Path) -> set[str]:
     return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
 
 
+def paired_setups(model: torch.nn.Module, method: str, options: dict[str, Any]) -> dict[str, Callable[[], None]]:
+    """What a point is timed with: the point and the pure model, forward for forward on the same images (the
+    speed-up is their ratio, so load that drifts during a run cancels); the pure point is timed alone."""
+    setups = {method: lambda: apply_token_reduction(model, method, **options)}
+    if method != "pure":
+        setups["pure"] = lambda: apply_token_reduction(model, "pure")
+    return setups
+
+
 @click.command(cls=Command)
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.argument("dataset_name", type=str)
@@ -181,11 +191,13 @@ def main(model_path: Path, dataset_name: str, **opts: Any) -> None:
                           window_batch_size=opts["window_batch_size"])
         gflops = statistics.mean(gflops_per_image(model, images, device, show_progress=False))
         times = measure(model, images, device, opts["repeat"], opts["warmup"], opts["iters"], autocast, False,
-                        {method: lambda: None}, show_progress=False)[method]
+                        paired_setups(model, method, options), show_progress=False)
+        fps = {name: opts["repeat"] / statistics.mean(t) for name, t in times.items()}
+        apply_token_reduction(model, method, **options)  # the timing's last setup may have been the pure one
         record = {
             "key": point_key(method, options), "method": method, "settings": settings,
             "mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"], "images": scores["images"],
-            "gflops": round(gflops, 4), "fps": round(opts["repeat"] / statistics.mean(times), 3),
+            "gflops": round(gflops, 4), "fps": round(fps[method], 3), "speedup": round(fps[method] / fps["pure"], 4),
             "tokens": {label: list(c) for label, c in block_tokens(model, first_image).items()},
             "time_shares": {k: round(v, 4) for k, v in time_shares(model, first_image.repeat(opts["repeat"], 1, 1, 1),
                                                                    autocast).items()},

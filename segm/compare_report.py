@@ -37,7 +37,7 @@ def results_table(records: list[dict[str, Any]]) -> str:
         blocks = list(r["tokens"].values())
         tokens = f"{blocks[0][0]} / {blocks[-1][0]}" if blocks else "-"
         if pure is not None:
-            ratio, speedup = r["gflops"] / pure["gflops"], r["fps"] / pure["fps"]
+            ratio, speedup = r["gflops"] / pure["gflops"], r["speedup"]
             relative = f"{r['mean_iou'] - pure['mean_iou']:+.2f} | {r['gflops']:.4g} | {ratio:.3f} | {r['fps']:.4g} | " \
                        f"{speedup:.3f} | {speedup * ratio:.3f}"
         else:
@@ -62,7 +62,8 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> bool:
         by_method.setdefault(r["method"], []).append(r)
     for method, points in by_method.items():
         for ax, key in zip(axes, ("gflops", "fps")):
-            xs, ys = [p[key] for p in points], [p["mean_iou"] for p in points]
+            pairs = sorted((p[key], p["mean_iou"]) for p in points)  # a line from left to right
+            xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
             if method == "pure":
                 ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="pure")
             else:

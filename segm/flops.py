@@ -111,7 +111,8 @@ def main(**opts: Any) -> None:
     request = reduction_request(opts)
     device = resolve_device(opts["device"])
     model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
-                                 default_n_cls(opts["dataset"], opts["root"]))
+                                 default_n_cls(opts["dataset"], opts["root"]),
+                                 patch_types=[request.patch_type])
     patch_type, settings = apply_requested_reduction(model, request, info["variant"], measuring=True)
     model.to(device)
     loader, data_name = measurement_loader(opts["dataset"], opts["root"], "val", info["crop_size"], info["normalization"],

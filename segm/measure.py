@@ -14,7 +14,7 @@ import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 import numpy as np
@@ -29,12 +29,14 @@ from segm.images import model_input, resize_rgb, short_side_size
 from segm.model.factory import (
     DECODERS,
     DECODERS_BY_FAMILY,
+    MODEL_PARTS,
     create_segmenter,
     load_model,
     net_kwargs_for,
     variant_crop_size,
     variant_normalization,
 )
+from segm.model.token_reduction import PATCH_TYPES
 from segm.utils.progress import progress
 from tokred.errors import UsageError
 from tokred.profiling import PREFIX
@@ -47,12 +49,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def measured_model(
-    model_dir: Path | None, backbone: str | None, decoder: str | None, crop_size: int | None, n_cls: int
+    model_dir: Path | None, backbone: str | None, decoder: str | None, crop_size: int | None, n_cls: int,
+    patch_types: Iterable[str | None] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model to measure, in eval mode, and its ``crop_size`` / ``normalization`` / ``variant``.
 
     From ``model_dir/checkpoint.pth`` when a folder is given, else a randomly initialised ``backbone``
-    (whose ``variant`` is ``None``).
+    (whose ``variant`` is ``None``) holding the random parts that ``patch_types`` need (CTS's policy
+    network; the other patch types never run it), so that every method can be measured without training.
     """
     if model_dir is not None:
         path = Path(model_dir) / "checkpoint.pth"
@@ -66,6 +70,8 @@ def measured_model(
     crop = crop_size or 512
     decoder = decoder or DECODERS_BY_FAMILY[backbone_family(backbone)][-1]
     net = net_kwargs_for(backbone, decoder, n_cls=n_cls, crop_size=crop)
+    for part in {part for name in patch_types if name for part in PATCH_TYPES[name].model_parts}:
+        net.update(MODEL_PARTS[part])
     torch.manual_seed(0)
     model = create_segmenter(net).eval()
     return model, {"crop_size": crop, "normalization": net["normalization"], "source": f"{backbone} (random weights)",
@@ -147,7 +153,8 @@ measurement_options: Callable = compose(
     click.option("--dataset", type=str, default=None,
                  help="Dataset whose validation images are used (synthetic scenes without $DATASET)."),
     root_option,
-    click.option("--backbone", type=str, default=None, help="Backbone for random weights (without --model-dir)."),
+    click.option("--backbone", type=str, default=None,
+                 help="Backbone for random weights (without --model-dir; with a random policy network for CTS)."),
     click.option("--decoder", type=click.Choice(DECODERS), default=None,
                  help="Decoder for random weights (default: mask_transformer for ViT backbones, segformer for MiT)."),
     click.option("--crop-size", type=POSITIVE, default=None, help="Input size for random weights (default 512)."),

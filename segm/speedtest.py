@@ -125,7 +125,8 @@ def main(**opts: Any) -> None:
     request = reduction_request(opts)
     device = resolve_device(opts["device"])
     model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
-                                 default_n_cls(opts["dataset"], opts["root"]))
+                                 default_n_cls(opts["dataset"], opts["root"]),
+                                 patch_types=[request.patch_type, *(opts["compare"] or "").split(",")])
     variants = reduction_setups(model, request, info["variant"], opts["compare"], opts["trace_source"])
     model.to(device)
     if opts["channels_last"]:

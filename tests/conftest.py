@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -42,8 +46,35 @@ def write_checkpoint(directory: Path, model: torch.nn.Module, net_kwargs: dict,
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not slow down on a shared CPU); modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
     net = tiny_net_kwargs()
     return perturb_(create_segmenter(net)).eval(), net
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (polled every 20 ms); asserts it died by that signal,
+    i.e. that it had not finished first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def has_log_line(run: Path) -> Callable[[], bool]:
+    """Whether the run in ``run`` has logged its first epoch."""
+    return lambda: (run / "log.txt").exists() and bool((run / "log.txt").read_text().strip())

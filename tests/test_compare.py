@@ -43,6 +43,7 @@ def test_one_line_per_point_and_a_table_row_each(compared):
     assert [(r["method"], r["settings"]) for r in records] == [
         ("pure", {}), ("tome", {"r": 2, "prop_attn": True}), ("tome", {"r": 4, "prop_attn": True})]
     pure = records[0]
+    assert pure["speedup"] == 1.0 and all(r["speedup"] > 0 for r in records)
     rows = [line for line in (out / "results.md").read_text().splitlines()[2:]]
     assert len(rows) == 3
     by_gflops = [records[0], *sorted(records[1:], key=lambda r: r["gflops"])]
@@ -52,7 +53,8 @@ def test_one_line_per_point_and_a_table_row_each(compared):
         assert float(cells[2]) == pytest.approx(record["mean_iou"], abs=0.005)
         assert float(cells[4]) == pytest.approx(record["gflops"], rel=1e-3)
         assert float(cells[5]) == pytest.approx(record["gflops"] / pure["gflops"], abs=5e-4)
-        assert float(cells[7]) == pytest.approx(record["fps"] / pure["fps"], abs=5e-4)
+        assert float(cells[6]) == pytest.approx(record["fps"], rel=1e-3)
+        assert float(cells[7]) == pytest.approx(record["speedup"], abs=5e-4)
         assert cells[10] == f"{record['tokens']['encoder block 1'][0]} / {record['tokens']['encoder block 12'][0]}"
     assert records[2]["tokens"]["encoder block 2"][0] == 17 - 4  # 16 patches + cls, 4 merged in block 1
 

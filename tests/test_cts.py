@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from click.testing import CliRunner
 
+from segm.flops import main as flops_cli
 from segm.measure import flop_analysis
 from segm.model.factory import create_segmenter, load_model, load_policy_weights
 from segm.model.policy_net import PolicyNet
@@ -410,3 +412,13 @@ def test_flops_count_the_policy_network_and_fall_with_sharing():
     # the patch embedding sees 16 - 3 S patches
     for S, c in counts.items():
         assert c["encoder.patch_embed"] == (16 - 3 * S) * 192 * 3 * 16 * 16
+
+
+def test_random_weights_measure_cts_with_a_random_policy_network():
+    args = ["--backbone", "vit_tiny_patch16_384", "--crop-size", "64", "--max-images", "1", "--device", "cpu",
+            "--breakdown", "--patch-type", "cts", "--num-tokens-shared", "2", "--num-tokens-notshared", "8"]
+    result = CliRunner().invoke(flops_cli, args)
+    assert result.exit_code == 0, result.output
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert float(rows["policy net"][-1].strip(" |")) > 0
+    assert rows["encoder block 1"][1] == "11.0 / 11.0 / 11.0"  # 16 - 4 x 2 + 2 superpatch tokens + class token

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from click.testing import CliRunner
 from segm.eval.miou import main as miou_cli
 from segm.flops import main as flops_cli
 from segm.model.factory import load_model
+from tests.conftest import has_log_line, kill_when
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 POLICY = ["--dataset", "synthetic", "--no-pretrained", "--iters", "4", "--batch-size", "4", "--max-images", "8",
@@ -54,13 +53,7 @@ def test_segmenter_with_token_sharing_trains_resumes_and_evaluates(policy, tmp_p
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen([sys.executable, "-m", "segm.train", "--log-dir", str(crashed), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (crashed / "log.txt").exists() and (crashed / "log.txt").read_text().strip():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(proc, has_log_line(crashed))
     resumed = run("segm.train", "--log-dir", str(crashed), *flags)
     assert "Resuming from" in resumed.stdout
     assert losses(crashed) == pytest.approx(losses(straight), rel=1e-4) and len(losses(straight)) == 3

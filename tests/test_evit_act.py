@@ -48,12 +48,7 @@ DIST_MARGIN = 1e-2
 INT64 = 2**64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
@@ -585,35 +580,25 @@ def test_selected_layers_only_and_the_sequence_length_never_changes():
 # --------------------------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"keep_rate": 0}, "keep_rate must be a number in (0, 1], got 0"),
-    ({"keep_rate": 1.5}, "keep_rate must be a number in (0, 1], got 1.5"),
-    ({"drop_layers": []}, "drop_layers must be a non-empty list of block numbers counted from 1, got []"),
-    ({"drop_layers": [7, 4]}, "drop_layers must be strictly increasing, got [7, 4]"),
-    ({"drop_layers": [0, 5]}, "drop_layers [0, 5] out of range: blocks are numbered 1..12"),
-    ({"drop_layers": [4, 13]}, "drop_layers [4, 13] out of range: blocks are numbered 1..12"),
-    ({"fuse_token": False, "restore": "fused"},
+@pytest.mark.parametrize("patch_type,options,message", [
+    ("evit", {"keep_rate": 0}, "keep_rate must be a number in (0, 1], got 0"),
+    ("evit", {"keep_rate": 1.5}, "keep_rate must be a number in (0, 1], got 1.5"),
+    ("evit", {"drop_layers": []}, "drop_layers must be a non-empty list of block numbers counted from 1, got []"),
+    ("evit", {"drop_layers": [7, 4]}, "drop_layers must be strictly increasing, got [7, 4]"),
+    ("evit", {"drop_layers": [0, 5]}, "drop_layers [0, 5] out of range: blocks are numbered 1..12"),
+    ("evit", {"drop_layers": [4, 13]}, "drop_layers [4, 13] out of range: blocks are numbered 1..12"),
+    ("evit", {"fuse_token": False, "restore": "fused"},
      "restore='fused' copies the fused token's output: it needs fuse_token=True"),
-    ({"restore": "other"}, "restore must be one of nearest, fused; got 'other'"),
+    ("evit", {"restore": "other"}, "restore must be one of nearest, fused; got 'other'"),
+    ("act", {"q_hashes": 0}, "q_hashes must be an integer in 1..32, got 0"),
+    ("act", {"q_hashes": 33}, "q_hashes must be an integer in 1..32, got 33"),
+    ("act", {"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ("act", {"layers": [3, 13]}, "layers [3, 13] out of range: blocks are numbered 1..12"),
 ])
-def test_evit_errors(options, message):
+def test_option_errors_are_one_line_and_leave_the_model_unchanged(patch_type, options, message):
     model = make_model()
     with pytest.raises(UsageError, match=full_message(message)) as caught:
-        apply_token_reduction(model, "evit", **options)
-    assert "\n" not in str(caught.value)
-    assert all(type(b) is Block for b in model.encoder.blocks)
-
-
-@pytest.mark.parametrize("options,message", [
-    ({"q_hashes": 0}, "q_hashes must be an integer in 1..32, got 0"),
-    ({"q_hashes": 33}, "q_hashes must be an integer in 1..32, got 33"),
-    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
-    ({"layers": [3, 13]}, "layers [3, 13] out of range: blocks are numbered 1..12"),
-])
-def test_act_errors(options, message):
-    model = make_model()
-    with pytest.raises(UsageError, match=full_message(message)) as caught:
-        apply_token_reduction(model, "act", **options)
+        apply_token_reduction(model, patch_type, **options)
     assert "\n" not in str(caught.value)
     assert all(type(b) is Block for b in model.encoder.blocks)
 

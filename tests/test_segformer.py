@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from segm.model.segformer import SegFormer, SegformerHead, create_segformer, fro
 from segm.model.token_reduction import apply_token_reduction, remove_token_reduction
 from segm.optim import create_optimizer
 from segm.scripts.import_mmseg import main as import_mmseg
-from tests.conftest import perturb_
+from tests.conftest import has_log_line, kill_when, perturb_
 from tokred.errors import UsageError
 from tokred.segformerpp import MergingAttention, SideMerge, bipartite_2d, grid_split, reduce_tokens
 
@@ -46,12 +45,7 @@ HEADS, SR, KERNELS = (1, 2, 5, 8), (8, 4, 2, 1), (7, 3, 3, 3)
 PRESETS = ("hq", "fast", "2x2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -620,15 +614,6 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
 
 
-def kill_after_first_epoch(proc: subprocess.Popen, run: Path) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "log.txt").exists() and (run / "log.txt").read_text().strip():
-            proc.send_signal(signal.SIGKILL)
-            return
-        time.sleep(0.02)
-
-
 def test_mit_b0_trains_resumes_after_sigkill_evaluates_and_counts_flops(tmp_path):
     from segm.eval.miou import main as miou_main
     from segm.flops import main as flops_main
@@ -636,7 +621,7 @@ def test_mit_b0_trains_resumes_after_sigkill_evaluates_and_counts_flops(tmp_path
 
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     proc = train_process(crashed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killer = threading.Thread(target=kill_after_first_epoch, args=(proc, crashed))
+    killer = threading.Thread(target=kill_when, args=(proc, has_log_line(crashed)))
     killer.start()
     cli(train_main, "--log-dir", straight, *TRAIN)  # the uninterrupted run, meanwhile
     killer.join()

@@ -48,13 +48,7 @@ DEPTH = 12
 SCHEDULE = [16, 14, 13, 11, 10, 8, 7, 5, 4, 2, 1, 0]  # parse_r((8, -1.0), 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread (and do not slow down on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(decoder: str = "linear", backbone: str = VIT, seed: int = 0, **net) -> nn.Module:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import re
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from segm.engine import NonFiniteLossError, train_one_epoch
 from segm.model.factory import load_model
 from segm.optim import PolynomialLR
 from segm.train import main as train_cli
+from tests.conftest import has_log_line, kill_when
 
 BASE = ["--dataset", "synthetic", "--backbone", "vit_tiny_patch16_384", "--decoder", "linear", "--no-pretrained",
         "--im-size", "64", "--crop-size", "64", "--window-size", "64", "--window-stride", "64", "--batch-size", "4",
@@ -72,13 +71,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     run_train(straight, "--epochs", "3")
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(train_cmd(crashed, "--epochs", "3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (crashed / "log.txt").exists() and (crashed / "log.txt").read_text().strip():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(proc, has_log_line(crashed))
     assert len(read_log(crashed)) < 3
     resumed = run_train(crashed, "--epochs", "3")
     assert "Resuming from" in resumed.stdout

@@ -80,6 +80,7 @@ class TokenSharing(TokenReducer):
         Option("num_not_shared", None, "Patches left unshared; only checked (it is N - 4 x num_shared).",
                optional_count("num_not_shared"), value_type=int, flag="--num-tokens-notshared"),
     )
+    model_parts = ("policy_net",)
 
     @classmethod
     def target(cls, model: nn.Module) -> nn.Module:

@@ -60,7 +60,8 @@ def plain(value: Any) -> Any:
 class TokenReducer:
     """Base class of the patch types: options, the six hooks, and the settings a run records.
 
-    Subclasses set ``name``, ``summary`` and ``options``, and override what they need: ``prepare``
+    Subclasses set ``name``, ``summary``, ``options`` and ``model_parts`` (the modules beside the encoder that
+    the method needs, e.g. CTS's ``policy_net``), and override what they need: ``prepare``
     (check and resolve settings against the model, without changing it), ``apply`` (swap blocks),
     ``start`` and ``finish``. ``self.config`` holds the checked option values.
     """
@@ -68,6 +69,7 @@ class TokenReducer:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    model_parts: ClassVar[tuple[str, ...]] = ()  # attributes of the model beside the encoder that it runs
 
     def __init__(self, **options: Any):
         by_name = {o.name: o for o in self.options}

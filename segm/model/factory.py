@@ -43,6 +43,7 @@ TIMM_PRETRAINED = {
 ENCODER_KEYS = ("image_size", "patch_size", "n_layers", "d_model", "n_heads", "dropout", "drop_path_rate", "distilled")
 POLICY_KEYS = ("policy_method", "policy_schedule", "policynet_ckpt")  # CTS's net_kwargs
 POLICY_METHODS = ("policy_net", "no_sharing")
+MODEL_PARTS = {"policy_net": {"policy_method": "policy_net"}}  # net_kwargs that give a model each optional part
 NET_KEYS = set(ENCODER_KEYS) | set(POLICY_KEYS) | {"backbone", "normalization", "n_cls", "decoder", "d_ff"}
 
 

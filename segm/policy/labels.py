@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from segm.cli import fail_cleanly, root_option
+from segm.cli import POSITIVE, fail_cleanly, root_option
 from segm.config import dataset_config
 from segm.data import DatasetError, SegmentationDataset, create_dataset
 from segm.data.base import SPLITS
@@ -205,7 +205,7 @@ def format_table(counts: np.ndarray) -> str:
 @click.argument("dataset")
 @click.option("--split", type=click.Choice(SPLITS), default="train", show_default=True)
 @root_option
-@click.option("--max-images", type=int, default=None, help="Only the first N images.")
+@click.option("--max-images", type=POSITIVE, default=None, help="Only the first N images.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the labels as PNGs under this folder (same names as the images).")
 @fail_cleanly

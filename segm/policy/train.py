@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segm.cli import Command, device_option, fail_cleanly, resolve_device, root_option
+from segm.cli import POSITIVE, Command, device_option, fail_cleanly, resolve_device, root_option
 from segm.data import EpochSampler, create_dataset, per_process_batch_size
 from segm.data.loader import ShardSampler
 from segm.data.transforms import IGNORE_INDEX
@@ -39,20 +39,8 @@ from segm.utils.checkpoint import gather_rng_states, prepare_log_dir, save_atomi
 from segm.utils.progress import progress
 from tokred.errors import UsageError
 
-POSITIVE = ("iters", "batch_size", "eval_every", "log_every", "checkpoint_every")
-
-
 def check_options(opts: dict[str, Any]) -> None:
-    """One clear error for a value no run can use."""
-    for name in POSITIVE:
-        if opts[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {opts[name]}")
-    if not opts["lr"] > 0:
-        raise UsageError(f"--lr must be positive, got {opts['lr']}")
-    if opts["weight_decay"] < 0:
-        raise UsageError(f"--weight-decay must not be negative, got {opts['weight_decay']}")
-    if opts["num_workers"] < 0:
-        raise UsageError(f"--num-workers must not be negative, got {opts['num_workers']}")
+    """One clear error for options that exclude each other (the ranges are the click types')."""
     if opts["pretrained"] and opts["no_pretrained"]:
         raise UsageError("--pretrained PATH and --no-pretrained exclude each other; give one")
 
@@ -158,19 +146,19 @@ def world_running(running: torch.Tensor, device: torch.device, is_main: bool) ->
 @click.option("--log-dir", type=click.Path(path_type=Path), required=True, help="Output folder (created).")
 @click.option("--dataset", type=str, required=True, help="Dataset key of config.yml (ade20k, cityscapes, synthetic, ...).")
 @root_option
-@click.option("--iters", type=int, default=50_000, show_default=True, help="Training iterations.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="World batch size (split over the processes).")
-@click.option("--lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (constant).")
-@click.option("--weight-decay", type=float, default=1e-3, show_default=True, help="AdamW weight decay.")
-@click.option("--eval-every", type=int, default=10_000, show_default=True, help="Validate every N iterations and at the end.")
-@click.option("--log-every", type=int, default=100, show_default=True, help="One log.txt line every N iterations.")
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True, help="Write checkpoint.pth every N iterations and at the end.")
+@click.option("--iters", type=POSITIVE, default=50_000, show_default=True, help="Training iterations.")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="World batch size (split over the processes).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=5e-5, show_default=True, help="AdamW learning rate (constant).")
+@click.option("--weight-decay", type=click.FloatRange(0), default=1e-3, show_default=True, help="AdamW weight decay.")
+@click.option("--eval-every", type=POSITIVE, default=10_000, show_default=True, help="Validate every N iterations and at the end.")
+@click.option("--log-every", type=POSITIVE, default=100, show_default=True, help="One log.txt line every N iterations.")
+@click.option("--checkpoint-every", type=POSITIVE, default=1000, show_default=True, help="Write checkpoint.pth every N iterations and at the end.")
 @click.option("--pretrained", type=click.Path(path_type=str), default=None,
               help="Local ImageNet weights of efficientnet_lite0 (.pth/.safetensors; default: timm hub weights).")
 @click.option("--no-pretrained", is_flag=True, default=False, help="Random initialisation of the backbone.")
-@click.option("--num-workers", type=int, default=4, show_default=True, help="Data-loading processes per GPU.")
+@click.option("--num-workers", type=click.IntRange(0), default=4, show_default=True, help="Data-loading processes per GPU.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-images", type=int, default=None, help="Use only the first N images of each split (quick checks).")
+@click.option("--max-images", type=POSITIVE, default=None, help="Use only the first N images of each split (quick checks).")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Resume from LOG_DIR/checkpoint.pth.")
 @device_option
 @fail_cleanly
