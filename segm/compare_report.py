@@ -48,7 +48,11 @@ def results_table(records: list[dict[str, Any]]) -> str:
 
 
 def pareto_plot(records: list[dict[str, Any]], path: Path) -> bool:
-    """mIoU against GFLOPs and against im/s, a line per method and pure as a star; False without matplotlib."""
+    """mIoU against GFLOPs and against the paired speed-up over pure, a line per method and pure as a star.
+
+    The speed-up, not im/s, because it is the ratio that background load cancels out of. False without
+    matplotlib.
+    """
     try:
         import matplotlib
 
@@ -61,14 +65,14 @@ def pareto_plot(records: list[dict[str, Any]], path: Path) -> bool:
     for r in ordered(records):
         by_method.setdefault(r["method"], []).append(r)
     for method, points in by_method.items():
-        for ax, key in zip(axes, ("gflops", "fps")):
+        for ax, key in zip(axes, ("gflops", "speedup")):
             pairs = sorted((p[key], p["mean_iou"]) for p in points)  # a line from left to right
             xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
             if method == "pure":
                 ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=3, label="pure")
             else:
                 ax.plot(xs, ys, marker="o", label=method)
-    for ax, label in zip(axes, ("GFLOPs per image", "images / s")):
+    for ax, label in zip(axes, ("GFLOPs per image", "speed-up over pure (paired timing)")):
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU")
         ax.grid(alpha=0.3)

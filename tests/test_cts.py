@@ -26,7 +26,8 @@ from segm.flops import main as flops_cli
 from segm.measure import flop_analysis
 from segm.model.factory import create_segmenter, load_model, load_policy_weights
 from segm.model.policy_net import PolicyNet
-from segm.model.token_reduction import apply_token_reduction
+from segm.cli import ReductionRequest, resolve_reduction
+from segm.model.token_reduction import apply_token_reduction, variant_token_reduction
 from tokred.errors import UsageError
 from tests.conftest import perturb_, tiny_net_kwargs, write_checkpoint
 
@@ -277,6 +278,17 @@ def test_schedule_from_a_variant_sets_the_default():
     with torch.no_grad():
         tokens, _ = model.encoder.forward_tokens(images(1, 64, 64))
     assert tokens.shape[1] == 1 + 16 - 9
+
+
+def test_a_recorded_num_not_shared_follows_a_new_num_shared():
+    model = make_model()
+    variant = {"token_reduction": {"patch_type": "cts", "settings": {"num_shared": 2, "num_not_shared": 8}}}
+    recorded = variant_token_reduction(variant)
+    assert recorded == ("cts", {"num_shared": 2})
+    request = ReductionRequest(None, {"cts": {"num_shared": 1}}, {"cts": ["--num-tokens-shared"]})
+    patch_type, options, from_variant = resolve_reduction(request, variant)
+    assert (patch_type, options, from_variant) == ("cts", {"num_shared": 1}, True)
+    assert apply_token_reduction(model, patch_type, **options) == {"num_shared": 1, "num_not_shared": 12}
 
 
 @pytest.mark.parametrize("options, message", [

@@ -78,7 +78,8 @@ class TokenSharing(TokenReducer):
         Option("num_shared", None, "Superpatches shared per image (default: the model's policy schedule).",
                optional_count("num_shared"), value_type=int, flag="--num-tokens-shared"),
         Option("num_not_shared", None, "Patches left unshared; only checked (it is N - 4 x num_shared).",
-               optional_count("num_not_shared"), value_type=int, flag="--num-tokens-notshared"),
+               optional_count("num_not_shared"), value_type=int, flag="--num-tokens-notshared",
+               derived=True),
     )
     model_parts = ("policy_net",)
 

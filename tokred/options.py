@@ -24,7 +24,9 @@ class Option:
     the type of each (``int``, ``float``, ``str`` or ``bool`` for an on/off flag); ``flag`` overrides the
     generated ``--<patch-type>-<name>``; ``choices`` restricts a ``str``; ``from_cli`` maps the parsed
     command-line value to the Python value (default: a 1-value option is its value, others a list);
-    ``measure_default``, when set, replaces the default in FLOP counts and benchmarks (a fixed seed).
+    ``measure_default``, when set, replaces the default in FLOP counts and benchmarks (a fixed seed);
+    ``derived`` marks an option computed from the others and only checked when given, so a recorded
+    value is not reused as a base that other options then contradict.
     """
 
     name: str
@@ -37,6 +39,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     from_cli: Callable[[Any], Any] | None = None
     measure_default: Any = None
+    derived: bool = False
 
     def cli_value(self, parsed: Any) -> Any:
         """The Python value of what the command line parsed for this option."""

@@ -73,11 +73,17 @@ def variant_token_reduction(variant: Mapping[str, Any]) -> tuple[str, dict[str, 
     """The patch type and settings a ``variant.yml`` records, or ``None`` when it records none.
 
     Reads this codebase's ``token_reduction`` entry, or the ``dataset_kwargs`` keys of the published
-    ALGM code (``patch_type``, ``selected_layers``, ``merging_window_size``, ``threshold``).
+    ALGM code (``patch_type``, ``selected_layers``, ``merging_window_size``, ``threshold``). Derived
+    options are left out: they follow from the others, which a command may change.
     """
     entry = variant.get(VARIANT_KEY)
     if entry:
-        return entry["patch_type"], dict(entry.get("settings") or {})
+        patch_type, settings = entry["patch_type"], dict(entry.get("settings") or {})
+        if patch_type in PATCH_TYPES:
+            for option in PATCH_TYPES[patch_type].options:
+                if option.derived:
+                    settings.pop(option.name, None)
+        return patch_type, settings
     kwargs = variant.get("dataset_kwargs") or {}
     patch_type = kwargs.get("patch_type")
     if patch_type is None:
