@@ -9,7 +9,8 @@ speed-up x FLOPs ratio``: 1.0 means every FLOP saved became time saved.
     python benchmarks/patch_types.py [--point tome:r=8 --point tome_sublayer:ratio=0.3 ...] [--out FILE.md]
 
 A point is ``NAME`` or ``NAME:key=value,key=value`` (values in YAML, e.g. ``algm:selected_layers=[1, 5]``);
-without ``--point`` every registered ViT patch type runs at its defaults. With a ``cts`` point the model
+without ``--point`` every registered patch type that applies runs at its defaults (CTS, whose default is a
+trained model's schedule, at the middle of its sweep). With a ``cts`` point the model
 holds a random CTS policy network (which the other patch types never run). ACT points add their cluster
 counts per block (mean over the timed images, the heads and the hash rows) below the table. Randomised options take their
 measurement default (ACT's seed 0), shown in the settings column.
@@ -29,6 +30,7 @@ import yaml
 from segm.measure import flop_analysis, measured_model, measurement_loader
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options
 from segm.speedtest import batches, measure
+from tokred.errors import UsageError
 
 from report import emit
 
@@ -57,14 +59,7 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat:
     repeat = repeat or (32 if gpu else 2)
     warmup = warmup if warmup is not None else (20 if gpu else 2)
     iters = iters or (100 if gpu else 6)
-    chosen = [parse_point(p) for p in points] or [(name, name, {}) for name in PATCH_TYPES]
-    chosen = [(label, name, measurement_options(name, options)[0]) for label, name, options in chosen]
-    if all(name != "pure" for _, name, _ in chosen):
-        chosen.insert(0, ("pure", "pure", {}))
-    model, info = measured_model(None, backbone, None, crop, 150,
-                                 patch_types=[name for _, name, _ in chosen])
-    if not points:
-        chosen = [point for point in chosen if PATCH_TYPES[point[1]].why_not(model) is None]
+    model, info, chosen = benchmark_model(backbone, crop, points)
     loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters)
     timed_images = list(batches(loader, warmup + iters))[warmup:]
     setups, gflops, settings, clusters = {}, {}, {}, {}
@@ -79,11 +74,9 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat:
     times = measure(model, loader, dev, repeat, warmup, iters, nullcontext, False, setups, show_progress=False)
     fps = {label: repeat / statistics.mean(t) for label, t in times.items()}
     base = next(label for label, name, _ in chosen if name == "pure")
-    cpu = platform.processor() or platform.machine()
-    card = torch.cuda.get_device_name(dev) if gpu else f"{cpu}, {torch.get_num_threads()} CPU threads"
     lines = [
         f"{backbone} + {decoder_name(model)} at {crop}x{crop}, random weights, synthetic scenes squashed to the crop, "
-        f"150 classes; device {device} ({card}, torch {torch.__version__}); batch = 1 image x {repeat} copies, "
+        f"150 classes; device {device} ({machine_card(dev)}); batch = 1 image x {repeat} copies, "
         f"{warmup} warm-up and {iters} timed forwards per point, all points interleaved, fp32.",
         "",
         "| patch type | settings | GFLOPs | FLOPs ratio | im/s | speed-up | efficiency |",
@@ -98,6 +91,43 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat:
         lines += ["", f"{label}: query clusters per block (of {per_block[1]} tokens): "
                   + ", ".join(f"{c:.1f}" for c in per_block[0])]
     emit("\n".join(lines), out)
+
+
+def benchmark_model(backbone: str, crop: int, points: tuple[str, ...]
+                    ) -> tuple[torch.nn.Module, dict, list[tuple[str, str, dict]]]:
+    """A random-weight model holding the parts the points need, its info, and ``(label, patch type, options)``
+    per point with measurement defaults, pure first; without points, every patch type that applies."""
+    chosen = [parse_point(p) for p in points] or [(name, name, {}) for name in PATCH_TYPES]
+    chosen = [(label, name, measurement_options(name, options)[0]) for label, name, options in chosen]
+    if all(name != "pure" for _, name, _ in chosen):
+        chosen.insert(0, ("pure", "pure", {}))
+    model, info = measured_model(None, backbone, None, crop, 150, patch_types=[name for _, name, _ in chosen])
+    if not points:
+        chosen = [runnable(model, point) for point in chosen if PATCH_TYPES[point[1]].why_not(model) is None]
+    return model, info, chosen
+
+
+def runnable(model: torch.nn.Module, point: tuple[str, str, dict]) -> tuple[str, str, dict]:
+    """``point``, or, when its defaults need what a random model lacks (CTS: a trained policy schedule), the
+    middle of the patch type's sweep, with a note saying so."""
+    label, name, options = point
+    try:
+        apply_token_reduction(model, name, **options)
+    except UsageError as err:
+        points = PATCH_TYPES[name].sweep(PATCH_TYPES[name].target(model))
+        middle = measurement_options(name, points[len(points) // 2])[0]
+        click.echo(f"note: {name} at its defaults: {err}; measured at the middle of its sweep, {middle}", err=True)
+        return label, name, middle
+    return point
+
+
+def machine_card(device: torch.device) -> str:
+    """The device and versions a table was measured with."""
+    if device.type == "cuda":
+        card = torch.cuda.get_device_name(device)
+    else:
+        card = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    return f"{card}, torch {torch.__version__}"
 
 
 def act_clusters(model: torch.nn.Module, images: list[torch.Tensor]) -> tuple[list[float], int]:

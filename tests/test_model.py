@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from segm.config import backbone_config, known_names
 from segm.model.factory import create_segmenter, net_kwargs_for
+from segm.model.inference import upsample_logits
 from segm.model.vit import make_block, resize_pos_embed
 from tests.conftest import perturb_, tiny_net_kwargs
 
@@ -138,6 +139,35 @@ def brute_bilinear(grid: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
             out[i, j] = ((1 - fy) * ((1 - fx) * g[y0, x0] + fx * g[y0, x1])
                          + fy * ((1 - fx) * g[y1, x0] + fx * g[y1, x1]))
     return out
+
+
+def test_logits_are_upsampled_channels_last_on_cpu_with_the_bilinear_values():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 4, 6)
+    got = upsample_logits(logits, (16, 21))
+    assert got.shape == (2, 7, 16, 21) and got.is_contiguous(memory_format=torch.channels_last)
+    for b in range(2):
+        want = brute_bilinear(logits[b].permute(1, 2, 0), 16, 21).permute(2, 0, 1).float()
+        assert torch.allclose(got[b], want, atol=1e-5, rtol=0)
+    model = create_segmenter(tiny_net_kwargs("mask_transformer")).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_logits_are_upsampled_in_fp16_under_fp16_autocast_and_in_fp32_otherwise():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7, 4, 6)
+
+    def reference(x):
+        return F.interpolate(x, (16, 21), mode="bilinear", align_corners=False)
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = upsample_logits(logits, (16, 21))
+    assert got.dtype == torch.float16 and torch.allclose(got.float(), reference(logits.half()).float(), atol=2e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = upsample_logits(logits.bfloat16(), (16, 21))
+    assert got.dtype == torch.float32 and torch.allclose(got, reference(logits.bfloat16().float()), atol=1e-6)
+    assert upsample_logits(logits.double(), (16, 21)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("old,new,n_extra", [((4, 4), (6, 3), 1), ((5, 3), (2, 7), 2), ((3, 3), (3, 3), 1)])

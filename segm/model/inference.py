@@ -28,6 +28,37 @@ def unpadding(y: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
     return y[:, :, :H, :W]
 
 
+def upsampling_dtype(logits: torch.Tensor) -> torch.dtype:
+    """fp16 under fp16 autocast, else at least fp32: the precision whose argmax the evaluation can bear.
+
+    On the demo checkpoint, fp16 upsampling agrees with fp32 on 99.987 % of the pixels (worst image
+    99.93 %); bf16 on only 99.917 % (worst 99.66 %), so bf16 logits are upsampled in fp32
+    (``benchmarks/upsampling.py`` measures both).
+    """
+    device = logits.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        return torch.float16
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of ``[B, K, h, w]`` class logits to the image ``size``, in the layout fastest here.
+
+    On CPU the logits go channels-last, which upsamples about 1.6x faster than NCHW with the same values
+    (to float rounding) and stays channels-last: converting a full-size map back would cost more than it
+    saves. The small input is always copied, so that its strides are canonical: a batch-1 view can pass as
+    channels-last and still make the kernel choose NCHW. The dtype is ``upsampling_dtype``. Under the
+    profiler the call is the ``segm::upsample`` range that the time shares report.
+    """
+    with torch.profiler.record_function("segm::upsample"):
+        dtype = upsampling_dtype(logits)
+        if logits.device.type == "cpu":
+            logits = logits.to(dtype, memory_format=torch.channels_last, copy=True)
+        else:
+            logits = logits.to(dtype)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 def resize(im: torch.Tensor, smaller_size: int) -> torch.Tensor:
     """Scale up (never down) so that the short side is at least ``smaller_size``, keeping the aspect.
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from segm.model.inference import upsample_logits
 from segm.model.mit import MixVisionTransformer
 from segm.model.segmenter import check_image_batch
 from segm.model.weights import check_state_dict, read_checkpoint, strip_prefix, to_float32
@@ -86,8 +87,7 @@ class SegFormer(nn.Module):
             raise UsageError(f"SegFormer needs inputs of at least {stride} pixels a side (its stage-4 stride), "
                              f"got {im.shape[2]}x{im.shape[3]}")
         logits = self.decode_head(self.backbone(im))
-        with torch.profiler.record_function("segm::upsample"):
-            return F.interpolate(logits, size=im.shape[2:], mode="bilinear", align_corners=False)
+        return upsample_logits(logits, im.shape[2:])
 
 
 MIT_KEYS = {"backbone", "family", "image_size", "embed_dims", "num_layers", "num_heads", "sr_ratios", "normalization",

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from segm.model.inference import padding, unpadding
+from segm.model.inference import padding, unpadding, upsample_logits
 from tokred.errors import UsageError
 
 
@@ -51,6 +50,4 @@ class Segmenter(nn.Module):
         x = x[:, self.encoder.num_prefix_tokens :]
         masks = self.decoder(x, (H, W), state)
 
-        with torch.profiler.record_function("segm::upsample"):
-            masks = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
-        return unpadding(masks, (H_ori, W_ori))
+        return unpadding(upsample_logits(masks, (H, W)), (H_ori, W_ori))

@@ -1,0 +1,124 @@
+"""Does token reduction keep its speed-up in lower precision? Every patch type against pure, per autocast dtype.
+
+One random-weight model (default ViT-S/16 + mask transformer at 512), synthetic scenes squashed to the
+crop, each image repeated ``--batch`` times per forward (the speedtest protocol). Per dtype, all points
+are timed interleaved on the same images, so each speed-up over pure is a ratio within one run; ``kept``
+is a point's speed-up in that dtype divided by its fp32 speed-up (1.0: the reduction is worth as much in
+that precision). The shares of one profiled forward split its time into reduction bookkeeping
+(``tokred::`` ranges), the final upsampling of the class masks (``segm::upsample``) and the rest.
+
+    python benchmarks/precision.py [--point algm --point tome:r=8 ...] [--dtypes fp32,bf16] [--out FILE.md]
+
+Points are written as in ``patch_types.py``; without ``--point`` every ViT patch type runs at its defaults.
+"""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import click
+import torch
+
+from segm.measure import measurement_loader, time_shares
+from segm.model.token_reduction import apply_token_reduction
+from segm.speedtest import DTYPES, batches, measure
+
+from patch_types import benchmark_model, decoder_name, machine_card
+from report import emit
+
+
+def autocast_for(device: torch.device, dtype_name: str) -> Callable:
+    """A context factory: autocast to ``dtype_name`` on ``device``, or nothing for fp32."""
+    dtype = DTYPES[dtype_name]
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+
+
+@click.command()
+@click.option("--backbone", default="vit_small_patch16_384", show_default=True)
+@click.option("--crop", default=512, show_default=True)
+@click.option("--point", "points", multiple=True, help="A patch type and its options, e.g. tome:r=8 (repeatable).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtypes", default=None, help="Comma-separated autocast dtypes (default: fp32,bf16 on CPU, "
+              "fp32,bf16,fp16 on GPU); fp32 always runs, as the reference of 'kept'.")
+@click.option("--batch", type=int, default=None, help="Copies per forward (default: 32 on GPU, 4 on CPU).")
+@click.option("--warmup", type=int, default=None, help="Untimed forwards (default: 20 on GPU, 1 on CPU).")
+@click.option("--iters", type=int, default=None, help="Timed forwards per point and dtype (default: 100 on GPU, "
+              "3 on CPU).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the table here.")
+def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes: str | None, batch: int | None,
+         warmup: int | None, iters: int | None, out: Path | None) -> None:
+    """Speed-up over pure of every patch type in fp32 and in lower-precision autocast, with time shares."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    names = [d.strip() for d in (dtypes or ("fp32,bf16,fp16" if gpu else "fp32,bf16")).split(",")]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown:
+        raise click.BadParameter(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}", param_hint="--dtypes")
+    names = ["fp32"] + [d for d in dict.fromkeys(names) if d != "fp32"]
+    batch = batch or (32 if gpu else 4)
+    warmup = warmup if warmup is not None else (20 if gpu else 1)
+    iters = iters or (100 if gpu else 3)
+    model, info, chosen = benchmark_model(backbone, crop, points)
+    model.to(dev)
+    loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters)
+    probe = next(iter(batches(loader, 1))).to(dev).repeat(batch, 1, 1, 1)
+    setups, settings = {}, {}
+    for label, name, options in chosen:
+        settings[label] = apply_token_reduction(model, name, **options)
+        setups[label] = lambda name=name, options=options: apply_token_reduction(model, name, **options)
+    fps: dict[str, dict[str, float]] = {}
+    shares: dict[str, dict[str, dict[str, float]]] = {}
+    for dtype in names:
+        autocast = autocast_for(dev, dtype)
+        times = measure(model, loader, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
+        fps[dtype] = {label: batch / statistics.mean(t) for label, t in times.items()}
+        shares[dtype] = {}
+        for label, setup in setups.items():
+            setup()
+            shares[dtype][label] = time_shares(model, probe, autocast, runs=1)
+    base = next(label for label, name, _ in chosen if name == "pure")
+    emit("\n".join(report_lines(backbone, decoder_name(model), crop, dev, batch, warmup, iters, names, chosen,
+                                settings, fps, shares, base)), out)
+
+
+def report_lines(backbone: str, decoder: str, crop: int, device: torch.device, batch: int, warmup: int, iters: int,
+                 dtypes: list[str], chosen: list[tuple[str, str, dict]], settings: dict[str, dict],
+                 fps: dict[str, dict[str, float]], shares: dict[str, dict[str, dict[str, float]]], base: str
+                 ) -> list[str]:
+    """The Markdown report: a speed table over dtypes, then the time shares per dtype."""
+    head = "| patch type | settings | " + " | ".join(f"im/s {d} | speed-up {d}" + (f" | kept {d}" if d != "fp32" else "")
+                                                  for d in dtypes) + " |"
+    lines = [
+        f"{backbone} + {decoder} at {crop}x{crop}, random weights, synthetic scenes squashed to the crop, 150 classes; "
+        f"device {device.type} ({machine_card(device)}); batch = 1 image x {batch} copies, {warmup} warm-up and "
+        f"{iters} timed forwards per point and dtype, points interleaved within each dtype, eager.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for label, name, _ in chosen:
+        shown = ", ".join(f"{k}={v}" for k, v in settings[label].items())
+        cells = []
+        for d in dtypes:
+            speedup = fps[d][label] / fps[d][base]
+            cells.append(f"{fps[d][label]:.2f} | {speedup:.3f}")
+            if d != "fp32":
+                cells[-1] += f" | {speedup / (fps['fp32'][label] / fps['fp32'][base]):.3f}"
+        lines.append(f"| {name} | {shown} | " + " | ".join(cells) + " |")
+    lines += ["", "Shares of one profiled forward (bookkeeping / upsampling / rest):", "",
+              "| patch type | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
+    for label, name, _ in chosen:
+        cells = []
+        for d in dtypes:
+            s = shares[d][label]
+            rest = 1.0 - s["bookkeeping"] - s["upsampling"]
+            cells.append(f"{100 * s['bookkeeping']:.1f} % / {100 * s['upsampling']:.1f} % / {100 * rest:.1f} %")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
