@@ -36,7 +36,7 @@ import torch
 import torchvision
 
 from segm.data import create_dataset, create_loader
-from segm.data.loader import SegmentationLoader, loader_settings, seed_worker
+from segm.data.loader import seed_worker
 from segm.data.synthetic.write import write_layout
 
 from report import emit
@@ -71,8 +71,7 @@ def loader_rate(dataset, batch_size: int, workers: int, opencv_pool: bool = Fals
     """
     loader = create_loader(dataset, batch_size, num_workers=workers, seed=0)
     if opencv_pool:
-        settings = {**loader_settings(workers, 0, 0, pin_memory=False), "worker_init_fn": pooled_worker}
-        loader = SegmentationLoader(dataset, batch_size=batch_size, sampler=loader.sampler, **settings)
+        loader.worker_init_fn = pooled_worker  # read when the workers start
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()

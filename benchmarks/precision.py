@@ -15,25 +15,17 @@ Points are written as in ``patch_types.py``; without ``--point`` every ViT patch
 from __future__ import annotations
 
 import statistics
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import click
 import torch
 
 from segm.measure import measurement_loader, time_shares
 from segm.model.token_reduction import apply_token_reduction
-from segm.speedtest import DTYPES, batches, measure
+from segm.speedtest import DTYPES, batches, dtype_autocast, measure
 
 from patch_types import benchmark_model, decoder_name, machine_card
 from report import emit
-
-
-def autocast_for(device: torch.device, dtype_name: str) -> Callable:
-    """A context factory: autocast to ``dtype_name`` on ``device``, or nothing for fp32."""
-    dtype = DTYPES[dtype_name]
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
 
 
 @click.command()
@@ -72,7 +64,7 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes:
     fps: dict[str, dict[str, float]] = {}
     shares: dict[str, dict[str, dict[str, float]]] = {}
     for dtype in names:
-        autocast = autocast_for(dev, dtype)
+        autocast = dtype_autocast(dev, dtype)
         times = measure(model, loader, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
         fps[dtype] = {label: batch / statistics.mean(t) for label, t in times.items()}
         shares[dtype] = {}

@@ -12,8 +12,6 @@ their per-pixel argmax is compared with fp32's (mean over the images and the wor
 from __future__ import annotations
 
 import statistics
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import segm.model.segmenter as segmenter
-from segm.measure import measurement_loader, synchronize
+from segm.measure import measurement_loader, timed_call
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.inference import upsample_logits
+from segm.speedtest import DTYPES, dtype_autocast
 
 from patch_types import machine_card
 from report import emit
@@ -37,11 +36,7 @@ def timings(variants: dict[str, Callable[[], torch.Tensor]], device: torch.devic
         run()
     for _ in range(iters):
         for name, run in variants.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(run, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -94,18 +89,20 @@ def main(device: str, batch: int, classes: int, grid: int, size: int, iters: int
     dev = torch.device(device)
     torch.manual_seed(0)
     logits = torch.randn(batch, classes, grid, grid, device=dev)
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    reduced = ("fp16", "bf16")
 
-    def under(dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+    def under(dtype: str) -> Callable[[], torch.Tensor]:
+        autocast = dtype_autocast(dev, dtype)
+
         def run() -> torch.Tensor:
-            with torch.autocast(dev.type, dtype=dtype) if dtype is not None else nullcontext():
+            with autocast():
                 return upsample_logits(logits, (size, size))
         return run
 
     variants = {"NCHW fp32 (F.interpolate)": lambda: F.interpolate(logits, (size, size), mode="bilinear",
                                                                    align_corners=False),
-                "upsample_logits, fp32": under(None)}
-    variants.update({f"upsample_logits, {name} autocast": under(dtype) for name, dtype in dtypes.items()})
+                "upsample_logits, fp32": under("fp32")}
+    variants.update({f"upsample_logits, {name} autocast": under(name) for name in reduced})
     seconds = timings(variants, dev, iters)
     base = seconds["NCHW fp32 (F.interpolate)"]
     lines = [f"[{batch}, {classes}, {grid}, {grid}] -> {size}x{size}, bilinear; device {dev.type} "
@@ -120,8 +117,8 @@ def main(device: str, batch: int, classes: int, grid: int, size: int, iters: int
         captured = captured_logits(checkpoint, images)
         lines += ["", f"Argmax agreement with fp32 upsampling, logits of {checkpoint} on {images} synthetic "
                   "validation scenes:", "", "| dtype | mean | worst image |", "|---|---|---|"]
-        for name, dtype in dtypes.items():
-            mean, worst = agreement(captured, dtype)
+        for name in reduced:
+            mean, worst = agreement(captured, DTYPES[name])
             lines.append(f"| {name} | {100 * mean:.3f} % | {100 * worst:.2f} % |")
     emit("\n".join(lines), out)
 

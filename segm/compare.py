@@ -18,7 +18,6 @@ import hashlib
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import click
 import torch
 import yaml
 
-from segm.cli import Command, device_option, fail_cleanly, resolve_device, root_option
+from segm.cli import Command, device_option, fail_cleanly, resolve_device, root_option, window_batch_option
 from segm.compare_report import write_reports
 from segm.data import create_dataset, create_loader
 from segm.engine import evaluate
@@ -35,7 +34,7 @@ from segm.flops import block_tokens
 from segm.measure import gflops_per_image, measurement_loader, time_shares
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options, variant_token_reduction
-from segm.speedtest import DTYPES, measure
+from segm.speedtest import DTYPES, dtype_autocast, measure
 from segm.utils.progress import progress
 from tokred.errors import UsageError
 
@@ -145,8 +144,7 @@ def paired_setups(model: torch.nn.Module, method: str, options: dict[str, Any]) 
               help="default (each method's own sweep, scaled to the model) or a YAML file: method -> list of options.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the results (resumable).")
 @click.option("--max-images", type=click.IntRange(1), default=None, help="Use the first N validation images only.")
-@click.option("--window-batch-size", type=click.IntRange(1), default=4, show_default=True,
-              help="Windows per forward in the mIoU evaluation (as segm.eval.miou).")
+@window_batch_option(4)
 @click.option("--repeat", type=click.IntRange(1), default=32, show_default=True, help="Copies of each image per timed forward.")
 @click.option("--warmup", type=click.IntRange(0), default=50, show_default=True, help="Untimed forwards per point.")
 @click.option("--iters", type=click.IntRange(1), default=None, help="Timed forwards per point (default: the images).")
@@ -175,8 +173,7 @@ def main(model_path: Path, dataset_name: str, **opts: Any) -> None:
         raise UsageError(f"the model predicts {model.n_cls} classes but {dataset_name} has {val.n_cls}")
     val_loader = create_loader(val, 1, num_workers=opts["num_workers"], pin_memory=device.type == "cuda")
     images, _ = measurement_loader(dataset_name, opts["root"], "val", crop, normalization, limit=opts["max_images"])
-    dtype = DTYPES[opts["dtype"]]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    autocast = dtype_autocast(device, opts["dtype"])
     first_image = next(iter(images)).to(device)
 
     results = out / RESULTS

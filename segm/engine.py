@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from segm.metrics import confusion_matrix, scores_from_confusion
 from segm.model.inference import inference
-from segm.utils.distributed import all_reduce_sum
+from segm.utils.distributed import all_reduce_sum, is_distributed
 from segm.utils.progress import progress
 
 IGNORE_INDEX = 255
@@ -40,7 +40,10 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
-        """Whether any process was asked to stop (one small all-reduce when distributed)."""
+        """Whether any process was asked to stop (one small all-reduce when distributed; in a single process
+        the flag itself, with no device copy or synchronisation in the training loop)."""
+        if not is_distributed():
+            return self.signal_name is not None
         flag = torch.tensor(float(self.signal_name is not None), device=device)
         return bool(all_reduce_sum(flag).item() > 0)
 

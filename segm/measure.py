@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -46,6 +47,15 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op off CUDA), so a wall-clock interval covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(run: Callable[[], Any], device: torch.device) -> float:
+    """Seconds ``run()`` takes, between device synchronisations."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def measured_model(

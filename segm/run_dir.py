@@ -55,15 +55,15 @@ class RunLock:
             self.handle = None
 
 
-def earlier_run_files(log_dir: Path) -> list[Path]:
-    """The files of an earlier run in ``log_dir``."""
-    return [log_dir / name for name in RUN_FILES if (log_dir / name).exists()]
+def earlier_run_files(log_dir: Path, names: tuple[str, ...] = RUN_FILES) -> list[Path]:
+    """The entries ``names`` (by default an earlier run's files) that exist in ``log_dir``."""
+    return [log_dir / name for name in names if (log_dir / name).exists()]
 
 
 def move_aside(log_dir: Path, names: tuple[str, ...] = RUN_FILES) -> Path | None:
     """Move the entries ``names`` (by default an earlier run's files) of ``log_dir`` into ``old-<timestamp>/``
     inside it, never deleting anything; returns that folder, or None when there was nothing to move."""
-    files = [log_dir / name for name in names if (log_dir / name).exists()]
+    files = earlier_run_files(log_dir, names)
     if not files:
         return None
     target = log_dir / time.strftime("old-%Y%m%d-%H%M%S")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import time
-from contextlib import nullcontext
 from typing import Any, Callable, Iterator
 
 import click
@@ -29,7 +27,8 @@ from segm.cli import (
     resolve_device,
     token_reduction_options,
 )
-from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options, synchronize
+from segm.engine import autocast_context
+from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options, timed_call
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, variant_token_reduction
 from segm.utils.progress import progress
 from tokred.errors import UsageError
@@ -37,14 +36,18 @@ from tokred.errors import UsageError
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def dtype_autocast(device: torch.device, name: str) -> Callable:
+    """The autocast context factory of a ``--dtype`` name (a no-op one for fp32)."""
+    dtype = DTYPES[name]
+    return autocast_context(device, dtype is not None, dtype)
+
+
 def timed_forward(model: nn.Module, x: torch.Tensor, device: torch.device, autocast: Callable) -> float:
     """Seconds of one forward, between device synchronisations."""
-    synchronize(device)
-    start = time.perf_counter()
-    with autocast():
-        model(x)
-    synchronize(device)
-    return time.perf_counter() - start
+    def forward() -> None:
+        with autocast():
+            model(x)
+    return timed_call(forward, device)
 
 
 def batches(loader, n: int) -> Iterator[torch.Tensor]:
@@ -89,18 +92,16 @@ def compared_patch_types(text: str) -> list[str]:
 
 
 def reduction_setups(model: nn.Module, request: ReductionRequest, variant: dict[str, Any] | None,
-                     compare: str | None, trace_source: bool) -> dict[str, Callable[[], None]]:
-    """One setup function per timed variant, run before each of its forwards; alone, the reduction is applied once."""
-    if compare is None:
+                     compared: list[str], trace_source: bool) -> dict[str, Callable[[], None]]:
+    """One setup function per timed variant, run before each of its forwards; alone (no ``compared`` patch
+    types), the reduction is applied once."""
+    if not compared:
         patch_type, _ = apply_requested_reduction(model, request, variant, trace_source)
         return {patch_type: lambda: None}
-    if request.patch_type is not None:
-        raise UsageError("--compare names the patch types to time; drop --patch-type")
-    names = compared_patch_types(compare)
-    request.refuse_flags_outside(names, f"--compare times {' and '.join(names)}")
+    request.refuse_flags_outside(compared, f"--compare times {' and '.join(compared)}")
     recorded = variant_token_reduction(variant) if variant is not None else None
     setups = {}
-    for name in names:
+    for name in compared:
         base = recorded[1] if recorded is not None and recorded[0] == name else {}
         options = request.settings_for(name, base)
         setups[name] = functools.partial(apply_token_reduction, model, name, trace_source=trace_source, **options)
@@ -124,17 +125,19 @@ def main(**opts: Any) -> None:
     """Measure images/s of a Segmenter (with any patch type) with the published protocol."""
     request = reduction_request(opts)
     device = resolve_device(opts["device"])
+    if opts["compare"] and request.patch_type is not None:
+        raise UsageError("--compare names the patch types to time; drop --patch-type")
+    compared = compared_patch_types(opts["compare"]) if opts["compare"] else []
     model, info = measured_model(opts["model_dir"], opts["backbone"], opts["decoder"], opts["crop_size"],
                                  default_n_cls(opts["dataset"], opts["root"]),
-                                 patch_types=[request.patch_type, *(opts["compare"] or "").split(",")])
-    variants = reduction_setups(model, request, info["variant"], opts["compare"], opts["trace_source"])
+                                 patch_types=[request.patch_type, *compared])
+    variants = reduction_setups(model, request, info["variant"], compared, opts["trace_source"])
     model.to(device)
     if opts["channels_last"]:
         model.to(memory_format=torch.channels_last)
     loader, data_name = measurement_loader(opts["dataset"], opts["root"], "val", info["crop_size"], info["normalization"],
                                            opts["batch_size"], opts["keep_aspect"])
-    dtype = DTYPES[opts["dtype"]]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    autocast = dtype_autocast(device, opts["dtype"])
     times = measure(model, loader, device, opts["repeat"], opts["warmup"], opts["iters"], autocast,
                     opts["channels_last"], variants)
     images = opts["repeat"] * opts["batch_size"]

@@ -46,7 +46,14 @@ from segm.model.weights import check_state_dict, read_checkpoint, to_float32
 from segm.optim import PolynomialLR, create_optimizer
 from segm.run_dir import RunLock, check_free_space, earlier_run_files, move_aside, remove_stale_temporaries
 from segm.utils import distributed
-from segm.utils.checkpoint import gather_objects, gather_rng_states, prepare_log_dir, save_atomic, set_rng_states
+from segm.utils.checkpoint import (
+    gather_objects,
+    gather_rng_states,
+    prepare_log_dir,
+    save_atomic,
+    set_rng_states,
+    tensor_bytes,
+)
 from tokred.errors import UsageError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -165,15 +172,20 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[
 
 @dataclass
 class RunFolder:
-    """The run's files and whether it continues an earlier run."""
+    """The run's files, whether it continues an earlier run, and that run's ``variant.yml`` (read once)."""
 
     log_dir: Path
     resuming: bool
     lock: RunLock | None = None
+    saved_variant: dict[str, Any] | None = None
 
     @property
     def checkpoint(self) -> Path:
         return self.log_dir / "checkpoint.pth"
+
+    @property
+    def variant(self) -> Path:
+        return self.log_dir / "variant.yml"
 
     @property
     def best(self) -> Path:
@@ -187,12 +199,13 @@ def open_folder(opts: dict[str, Any], env: distributed.DistEnv) -> RunFolder:
     files aside; nothing is ever deleted.
     """
     log_dir: Path = opts["log_dir"]
+    folder = RunFolder(log_dir, False)
     lock = None
     if env.is_main:
         prepare_log_dir(log_dir)
         lock = RunLock(log_dir).acquire()
         remove_stale_temporaries(log_dir)
-        if not opts["resume"] and (log_dir / "checkpoint.pth").exists():
+        if not opts["resume"] and folder.checkpoint.exists():
             if not opts["overwrite"]:
                 lock.release()
                 raise UsageError(f"--no-resume: {log_dir} holds a run ({', '.join(p.name for p in earlier_run_files(log_dir))}); "
@@ -201,7 +214,11 @@ def open_folder(opts: dict[str, Any], env: distributed.DistEnv) -> RunFolder:
             moved = move_aside(log_dir)
             click.echo(f"Moved the earlier run to {moved}")
     distributed.barrier()
-    return RunFolder(log_dir, opts["resume"] and (log_dir / "checkpoint.pth").exists(), lock)
+    folder.lock = lock
+    folder.resuming = opts["resume"] and folder.checkpoint.exists()
+    if folder.resuming and folder.variant.is_file():
+        folder.saved_variant = load_variant(folder.variant)
+    return folder
 
 
 @dataclass
@@ -261,8 +278,7 @@ def build_trainer(opts: dict[str, Any], request: ReductionRequest, variant: dict
             getattr(model.encoder, name).requires_grad_(False)
     if getattr(model, "policy_net", None) is not None:
         prepare_policy_net(model.policy_net, opts["policynet_ckpt"], from_checkpoint=from_checkpoint)
-    saved = load_variant(folder.log_dir / "variant.yml") if folder.resuming and (folder.log_dir / "variant.yml").is_file() else None
-    patch_type, settings = apply_requested_reduction(model, request, saved, announce=env.is_main)
+    patch_type, settings = apply_requested_reduction(model, request, folder.saved_variant, announce=env.is_main)
     variant["token_reduction"] = variant_entry(patch_type, settings)
     if getattr(model, "policy_schedule", None) is not None:
         variant["net_kwargs"]["policy_schedule"] = list(model.policy_schedule)
@@ -289,7 +305,7 @@ class Progress:
 def checkpoint_bytes(trainer: Trainer) -> int:
     """About how large one checkpoint is: the model's tensors and the optimizer's state (two per parameter
     for Adam-like optimizers, one for SGD with momentum)."""
-    model_bytes = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+    model_bytes = tensor_bytes(trainer.model.state_dict())
     per_param = 2 if any("exp_avg" in s for s in trainer.optimizer.state.values()) or isinstance(
         trainer.optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 1
     trained = sum(p.numel() * 4 for p in trainer.model.parameters() if p.requires_grad)
@@ -392,7 +408,7 @@ def train(opts: dict[str, Any], request: ReductionRequest, env: distributed.Dist
             check_free_space(folder.log_dir, 2 * checkpoint_bytes(trainer))
             text = yaml.safe_dump(variant, sort_keys=True)
             click.echo(f"Configuration:\n{text}")
-            (folder.log_dir / "variant.yml").write_text(text)
+            folder.variant.write_text(text)
             counts = {name: sum(p.numel() for p in part.parameters() if p.requires_grad)
                       for name, part in trainer.model.named_children()}
             click.echo(f"Train images: {len(data.train_set)}, val images: {len(data.val_set)}, processes: "
@@ -508,9 +524,8 @@ def resume(folder: RunFolder, trainer: Trainer, variant: dict[str, Any], env: di
     state) starts a fine-tuning run at epoch 0, as in ALGM.
     """
     data = read_checkpoint(folder.checkpoint)
-    saved_path = folder.log_dir / "variant.yml"
-    if "optimizer" in data and saved_path.is_file():
-        refused, allowed = resume_differences(load_variant(saved_path), variant)
+    if "optimizer" in data and folder.saved_variant is not None:
+        refused, allowed = resume_differences(folder.saved_variant, variant)
         if refused:
             raise UsageError(f"{folder.log_dir} holds a run with other settings ({'; '.join(refused)}); rerun it as it "
                              "started, choose another --log-dir, or start over with --no-resume --overwrite (the old "

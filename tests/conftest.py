@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -61,6 +64,29 @@ def tiny_model():
     torch.manual_seed(0)
     net = tiny_net_kwargs()
     return perturb_(create_segmenter(net)).eval(), net
+
+
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per test subprocess: 2 cores are shared
+
+
+def module_cmd(module: str, *args: str) -> list[str]:
+    """The command line of ``python -m <module> <args>`` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def run_module(module: str, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` in a one-thread subprocess; with ``check``, assert it succeeded
+    (showing the tail of its stderr)."""
+    done = subprocess.run(module_cmd(module, *args), capture_output=True, text=True, env=SUBPROCESS_ENV,
+                          timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def read_log(log_dir: Path) -> list[dict]:
+    """The per-epoch records of a run's ``log.txt``."""
+    return [json.loads(line) for line in (log_dir / "log.txt").read_text().splitlines()]
 
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:

@@ -3,10 +3,7 @@ sharing from it (killed and resumed exactly), then evaluate and measure the chec
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +14,8 @@ from click.testing import CliRunner
 from segm.eval.miou import main as miou_cli
 from segm.flops import main as flops_cli
 from segm.model.factory import load_model
-from tests.conftest import has_log_line, kill_when
+from tests.conftest import SUBPROCESS_ENV, has_log_line, kill_when, module_cmd, read_log, run_module
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 POLICY = ["--dataset", "synthetic", "--no-pretrained", "--iters", "4", "--batch-size", "4", "--max-images", "8",
           "--eval-every", "4", "--checkpoint-every", "2", "--device", "cpu", "--num-workers", "0"]
 SEGMENTER = ["--dataset", "synthetic", "--backbone", "vit_tiny_patch16_384", "--decoder", "linear", "--no-pretrained",
@@ -28,33 +24,27 @@ SEGMENTER = ["--dataset", "synthetic", "--backbone", "vit_tiny_patch16_384", "--
              "--patch-type", "cts", "--num-tokens-shared", "2", "--num-tokens-notshared", "8"]
 
 
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=ENV, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def losses(log_dir: Path) -> list[float]:
-    return [json.loads(line)["train_loss"] for line in (log_dir / "log.txt").read_text().splitlines()]
+    return [record["train_loss"] for record in read_log(log_dir)]
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> Path:
     log_dir = tmp_path_factory.mktemp("policy")
-    run("segm.policy.train", "--log-dir", str(log_dir), *POLICY)
+    run_module("segm.policy.train", "--log-dir", str(log_dir), *POLICY)
     return log_dir / "policynet.pth"
 
 
 def test_segmenter_with_token_sharing_trains_resumes_and_evaluates(policy, tmp_path):
     flags = [*SEGMENTER, "--policynet-ckpt", str(policy)]
     straight = tmp_path / "straight"
-    run("segm.train", "--log-dir", str(straight), *flags)
+    run_module("segm.train", "--log-dir", str(straight), *flags)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "segm.train", "--log-dir", str(crashed), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(module_cmd("segm.train", "--log-dir", str(crashed), *flags),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
     kill_when(proc, has_log_line(crashed))
-    resumed = run("segm.train", "--log-dir", str(crashed), *flags)
+    resumed = run_module("segm.train", "--log-dir", str(crashed), *flags)
     assert "Resuming from" in resumed.stdout
     assert losses(crashed) == pytest.approx(losses(straight), rel=1e-4) and len(losses(straight)) == 3
 

@@ -14,7 +14,7 @@ def train_set():
 
 
 def batches(loader, epoch: int) -> list[dict[str, torch.Tensor]]:
-    loader.set_epoch(epoch)
+    loader.set_position(epoch, 0)
     return list(loader)
 
 

@@ -238,3 +238,7 @@ def test_unknown_backbone_and_decoder_list_known_names():
     net["decoder"]["name"] = "unet"
     with pytest.raises(ValueError, match=r"unknown decoder 'unet'"):
         create_segmenter(net)
+    net["decoder"]["name"] = "segformer"  # a MiT head is no decoder of a ViT
+    with pytest.raises(ValueError, match=r"^unknown decoder 'segformer' for a ViT encoder; known decoders: "
+                                         r"linear, mask_transformer$"):
+        create_segmenter(net)

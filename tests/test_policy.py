@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +21,8 @@ from segm.policy import labels as labels_cli
 from segm.policy import train as train_cli
 from segm.policy.data import PolicyDataset, batch_stream, policy_loader
 from segm.policy.labels import POLICY_RULES, PolicyRule, policy_labels, policy_rule
-from tests.conftest import kill_when
+from tests.conftest import SUBPROCESS_ENV, kill_when, module_cmd, read_log, run_module
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 TRAIN = ["--dataset", "synthetic", "--no-pretrained", "--iters", "8", "--batch-size", "4", "--max-images", "10",
          "--log-every", "1", "--eval-every", "4", "--checkpoint-every", "3", "--seed", "0", "--device", "cpu",
          "--num-workers", "0"]
@@ -239,17 +235,11 @@ def test_pretrained_weights_from_a_file_and_from_the_hub_offline(tmp_path, monke
 
 
 def train_cmd(log_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "segm.policy.train", "--log-dir", str(log_dir), *TRAIN, *extra]
+    return module_cmd("segm.policy.train", "--log-dir", str(log_dir), *TRAIN, *extra)
 
 
 def run_train(log_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_cmd(log_dir, *extra), capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def read_log(log_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (log_dir / "log.txt").read_text().splitlines()]
+    return run_module("segm.policy.train", "--log-dir", str(log_dir), *TRAIN, *extra, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +268,7 @@ def test_training_writes_checkpoint_log_and_a_loadable_policynet(straight_run):
 def test_resume_after_sigkill_gives_the_same_losses(straight_run, tmp_path):
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(train_cmd(crashed, "--num-workers", "1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+                            stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
     kill_when(proc, (crashed / "checkpoint.pth").exists, timeout=200)
     assert not (crashed / "policynet.pth").exists()
     resumed = run_train(crashed, "--num-workers", "1")

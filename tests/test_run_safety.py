@@ -5,12 +5,10 @@ image decoding, self-describing scores."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,23 +30,19 @@ from segm.train import main as train_cli
 from segm.vis import main as vis_cli
 from segm.utils.checkpoint import save_atomic
 from tokred.errors import UsageError
+from tests.conftest import SUBPROCESS_ENV, module_cmd, read_log, run_module
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 BASE = ["--dataset", "synthetic", "--backbone", "vit_tiny_patch16_384", "--decoder", "linear", "--no-pretrained",
         "--im-size", "64", "--crop-size", "64", "--window-size", "64", "--window-stride", "64", "--batch-size", "2",
         "--eval-freq", "1", "--seed", "0", "--num-workers", "0", "--device", "cpu", "--max-images", "12"]
 
 
 def train(log_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "segm.train", "--log-dir", str(log_dir), *BASE, *extra],
-                          capture_output=True, text=True, env=ENV, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return run_module("segm.train", "--log-dir", str(log_dir), *BASE, *extra, check=check)
 
 
 def losses(log_dir: Path) -> list[float]:
-    return [json.loads(line)["train_loss"] for line in (log_dir / "log.txt").read_text().splitlines()]
+    return [record["train_loss"] for record in read_log(log_dir)]
 
 
 def test_a_second_run_on_a_locked_folder_stops_at_once_naming_the_holder(tmp_path):
@@ -91,7 +85,7 @@ def test_resume_refuses_changed_settings_and_applies_more_epochs(tmp_path):
     variant = yaml.safe_load((run / "variant.yml").read_text())
     assert variant["algorithm_kwargs"]["num_epochs"] == 2 and variant["optimizer_kwargs"]["iter_max"] == 12
     assert torch.load(run / "checkpoint.pth", weights_only=True)["lr_scheduler"]["iter_max"] == 12
-    assert [json.loads(line)["epoch"] for line in (run / "log.txt").read_text().splitlines()] == [0, 1]
+    assert [record["epoch"] for record in read_log(run)] == [0, 1]
 
 
 def test_sigterm_mid_epoch_then_the_same_command_gives_the_same_losses(tmp_path):
@@ -100,8 +94,8 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_same_losses(tmp_path)
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     (stopped / ".checkpoint.pth.tmp-999999").write_bytes(b"partial")  # left by a dead process
-    proc = subprocess.Popen([sys.executable, "-m", "segm.train", "--log-dir", str(stopped), *BASE, "--epochs", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(module_cmd("segm.train", "--log-dir", str(stopped), *BASE, "--epochs", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     for line in proc.stdout:
         if line.startswith("Trained parameters:"):
             break

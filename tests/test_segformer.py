@@ -11,10 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from segm.model.segformer import SegFormer, SegformerHead, create_segformer, fro
 from segm.model.token_reduction import apply_token_reduction, remove_token_reduction
 from segm.optim import create_optimizer
 from segm.scripts.import_mmseg import main as import_mmseg
-from tests.conftest import has_log_line, kill_when, perturb_
+from tests.conftest import SUBPROCESS_ENV, has_log_line, kill_when, module_cmd, perturb_, read_log
 from tokred.errors import UsageError
 from tokred.segformerpp import MergingAttention, SideMerge, bipartite_2d, grid_split, reduce_tokens
 
@@ -599,8 +597,8 @@ TRAIN = ["--dataset", "synthetic", "--backbone", "mit_b0", "--decoder", "segform
 
 
 def train_process(run: Path, **pipes) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "segm.train", "--log-dir", str(run), *TRAIN], cwd=REPO, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), **pipes)
+    return subprocess.Popen(module_cmd("segm.train", "--log-dir", str(run), *TRAIN), cwd=REPO, text=True,
+                            env=SUBPROCESS_ENV, **pipes)
 
 
 def cli(command, *args) -> str:
@@ -608,10 +606,6 @@ def cli(command, *args) -> str:
     result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output[-3000:]
     return result.stdout
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
 
 
 def test_mit_b0_trains_resumes_after_sigkill_evaluates_and_counts_flops(tmp_path):

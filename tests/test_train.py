@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,27 +15,19 @@ from segm.engine import NonFiniteLossError, train_one_epoch
 from segm.model.factory import load_model
 from segm.optim import PolynomialLR
 from segm.train import main as train_cli
-from tests.conftest import has_log_line, kill_when
+from tests.conftest import SUBPROCESS_ENV, has_log_line, kill_when, module_cmd, read_log, run_module
 
 BASE = ["--dataset", "synthetic", "--backbone", "vit_tiny_patch16_384", "--decoder", "linear", "--no-pretrained",
         "--im-size", "64", "--crop-size", "64", "--window-size", "64", "--window-stride", "64", "--batch-size", "4",
         "--eval-freq", "1", "--seed", "0", "--num-workers", "0", "--device", "cpu", "--max-images", "16"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def train_cmd(log_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "segm.train", "--log-dir", str(log_dir), *BASE, *extra]
+    return module_cmd("segm.train", "--log-dir", str(log_dir), *BASE, *extra)
 
 
 def run_train(log_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_cmd(log_dir, *extra), capture_output=True, text=True, env=ENV, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def read_log(log_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (log_dir / "log.txt").read_text().splitlines()]
+    return run_module("segm.train", "--log-dir", str(log_dir), *BASE, *extra, check=check)
 
 
 def test_training_writes_checkpoint_log_variant_and_one_best_checkpoint(tmp_path):
@@ -70,7 +59,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     straight = tmp_path / "straight"
     run_train(straight, "--epochs", "3")
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(train_cmd(crashed, "--epochs", "3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(train_cmd(crashed, "--epochs", "3"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
     kill_when(proc, has_log_line(crashed))
     assert len(read_log(crashed)) < 3
     resumed = run_train(crashed, "--epochs", "3")
@@ -146,10 +135,8 @@ def test_non_finite_loss_stops_before_any_update():
 
 def test_two_processes_with_gloo_hold_identical_weights_and_evaluate_the_whole_val_set(tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "segm.train", "--log-dir", str(run), *BASE, "--epochs", "1", "--max-images", "14"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_module("torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                        "-m", "segm.train", "--log-dir", str(run), *BASE, "--epochs", "1", "--max-images", "14")
     assert "processes: 2 (torchrun)" in result.stdout
     assert "Weights identical on all 2 processes" in result.stdout
     assert "(14 images)" in result.stdout

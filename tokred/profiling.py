@@ -16,8 +16,9 @@ PREFIX = "tokred::"
 _IDLE = contextlib.nullcontext()
 
 
-def section(name: str) -> contextlib.AbstractContextManager:
-    """A profiler range named ``tokred::<name>`` when a profiler is recording, else a no-op context."""
+def section(name: str, prefix: str = PREFIX) -> contextlib.AbstractContextManager:
+    """A profiler range named ``<prefix><name>`` (``tokred::<name>``) when a profiler is recording, else a
+    no-op context; callers outside the bookkeeping pass their own prefix (``segm::upsample``)."""
     if not profiler._is_profiler_enabled:
         return _IDLE
-    return torch.profiler.record_function(PREFIX + name)
+    return torch.profiler.record_function(prefix + name)

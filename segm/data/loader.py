@@ -27,6 +27,7 @@ from segm.data.folder import FolderDataset
 from segm.data.registry import get_spec
 from segm.data.seeding import derive_seed, generator
 from segm.data.transforms import TrainPipeline, ValPipeline
+from segm.utils.distributed import is_distributed
 from tokred.errors import UsageError
 
 _SEED_RANGE = 2**62
@@ -149,19 +150,15 @@ def seed_worker(worker_id: int) -> None:
 
 
 class SegmentationLoader(DataLoader):
-    """A DataLoader with ``set_epoch``, forwarded to its sampler (call it at the start of every epoch), and
-    ``set_position`` to start a training epoch after its first ``skip`` samples (a stopped epoch)."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+    """A DataLoader with ``set_position``, forwarded to its training sampler: call it at the start of every
+    epoch, with ``skip`` > 0 to start after the first ``skip`` samples (a stopped epoch)."""
 
     def set_position(self, epoch: int, skip: int) -> None:
         self.sampler.set_position(epoch, skip)
 
 
 def _process_group() -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise UsageError("distributed=True needs an initialised torch.distributed process group; "
                          "start with torchrun (or srun) and initialise it first, or pass distributed=False")
     return dist.get_world_size(), dist.get_rank()

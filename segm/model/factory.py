@@ -18,7 +18,7 @@ from segm.model.policy_net import PolicyNet
 from segm.model.segformer import create_segformer
 from segm.model.segmenter import Segmenter
 from segm.model.vit import VisionTransformer, resize_pos_embed
-from segm.model.weights import check_state_dict, read_checkpoint, strip_prefix, to_float32
+from segm.model.weights import check_state_dict, read_checkpoint, strip_prefix, to_float32, unwrap
 from tokred.errors import UsageError
 
 DECODERS_BY_FAMILY = {"vit": ("linear", "mask_transformer"), "mit": ("segformer",)}
@@ -99,8 +99,9 @@ def create_decoder(encoder: VisionTransformer, decoder_cfg: Mapping[str, Any]) -
     """``DecoderLinear`` or ``MaskTransformer`` on top of ``encoder`` (heads = d_model // 64, d_ff = 4 d_model)."""
     cfg = dict(decoder_cfg)
     name = cfg.pop("name", None)
-    if name not in DECODERS:
-        raise UsageError(f"unknown decoder '{name}'; known decoders: {', '.join(DECODERS)}")
+    if name not in DECODERS_BY_FAMILY["vit"]:
+        raise UsageError(f"unknown decoder '{name}' for a ViT encoder; known decoders: "
+                         f"{', '.join(DECODERS_BY_FAMILY['vit'])}")
     n_cls = cfg.pop("n_cls")
     if name == "linear":
         return DecoderLinear(n_cls=n_cls, patch_size=encoder.patch_size, d_encoder=encoder.d_model)
@@ -208,11 +209,7 @@ def load_model(model_path: str | Path, weights_only: bool = True) -> tuple[nn.Mo
     variant = load_variant(find_variant(path))
     model = create_segmenter(variant["net_kwargs"], pretrained=False)
     data = read_checkpoint(path, weights_only=weights_only)
-    state_dict = data
-    for key in ("model", "state_dict"):  # this codebase's and Segmenter's layout, mmsegmentation's
-        if isinstance(data, dict) and key in data:
-            state_dict = data[key]
-            break
+    state_dict = unwrap(data, ("model", "state_dict"))
     if not isinstance(state_dict, Mapping):
         raise UsageError(f"{path} holds no state dict (expected {{'model': state_dict, ...}} or mmseg's "
                          "{'state_dict': ..., 'meta': ...})")
@@ -272,11 +269,7 @@ def _file_weights(path: Path, encoder: VisionTransformer) -> dict[str, torch.Ten
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    data = read_checkpoint(path)
-    for key in ("model", "state_dict"):
-        if isinstance(data, dict) and key in data:
-            data = data[key]
-    return strip_prefix(data, "module.")
+    return strip_prefix(unwrap(read_checkpoint(path), ("model", "state_dict")), "module.")
 
 
 def load_pretrained_encoder(encoder: VisionTransformer, backbone: str, source: bool | str | Path) -> None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokred.profiling import section
+
 
 def padding(im: torch.Tensor, patch_size: int, fill_value: float = 0.0) -> torch.Tensor:
     """Pad the bottom and right of ``[B, C, H, W]`` so that H and W are multiples of ``patch_size``."""
@@ -50,7 +52,7 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     channels-last and still make the kernel choose NCHW. The dtype is ``upsampling_dtype``. Under the
     profiler the call is the ``segm::upsample`` range that the time shares report.
     """
-    with torch.profiler.record_function("segm::upsample"):
+    with section("upsample", prefix="segm::"):
         dtype = upsampling_dtype(logits)
         if logits.device.type == "cpu":
             logits = logits.to(dtype, memory_format=torch.channels_last, copy=True)

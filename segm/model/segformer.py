@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from segm.model.inference import upsample_logits
 from segm.model.mit import MixVisionTransformer
 from segm.model.segmenter import check_image_batch
-from segm.model.weights import check_state_dict, read_checkpoint, strip_prefix, to_float32
+from segm.model.weights import check_state_dict, read_checkpoint, strip_prefix, to_float32, unwrap
 from tokred.errors import UsageError
 
 BN_EPS = 1e-5
@@ -50,10 +50,6 @@ class SegformerHead(nn.Module):
         self.conv_seg = nn.Conv2d(channels, n_cls, 1)
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
         nn.init.zeros_(self.conv_seg.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]
@@ -156,10 +152,7 @@ def load_pretrained_backbone(backbone: MixVisionTransformer, path: Path) -> None
     """Initialise ``backbone`` from an ImageNet MiT file in mmseg's layout or the original release's, strictly."""
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weight file not found: {path}")
-    data = read_checkpoint(path)
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and key in data:
-            data = data[key]
+    data = unwrap(read_checkpoint(path), ("state_dict", "model"))
     weights = strip_prefix(strip_prefix(data, "module."), "backbone.")
     if any(k.startswith("patch_embed1.") for k in weights):
         weights = from_original_release(weights)

@@ -43,6 +43,15 @@ def to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
+def unwrap(data: Any, keys: tuple[str, ...]) -> Any:
+    """The state dict inside a checkpoint: ``data[key]`` for each of ``keys`` present, in order (e.g.
+    ``("model", "state_dict")``: this codebase's and Segmenter's layout, then mmsegmentation's)."""
+    for key in keys:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+    return data
+
+
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """``state_dict`` without ``prefix`` when every key has it (DDP's ``module.``), else unchanged."""
     if state_dict and all(k.startswith(prefix) for k in state_dict):

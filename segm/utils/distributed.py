@@ -101,26 +101,31 @@ def process_device(requested: torch.device, env: DistEnv) -> torch.device:
     return requested
 
 
+def is_distributed() -> bool:
+    """Whether a process group is running (torchrun/SLURM with more than the one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes (a no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
 def destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
 def replicas_identical(module: torch.nn.Module) -> bool:
     """Whether every process holds exactly the same parameters (compares per-tensor float64 sums)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return True
     sums = torch.stack([p.detach().double().sum() for p in module.parameters()]).cpu()
     gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
