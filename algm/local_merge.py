@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokred.errors import UsageError
+from tokred.precision import fp32_island
 from tokred.state import MergeState
 
 
@@ -28,6 +29,7 @@ def window_ids(grid: tuple[int, int], window: tuple[int, int], device: torch.dev
     return torch.where(inside, ids, -1).flatten()
 
 
+@fp32_island
 def window_similarity(patches: torch.Tensor, grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
     """Mean pairwise cosine similarity (distinct ordered pairs) of each window: (B, N, C) -> (B, nh * nw), fp32."""
     B, _, C = patches.shape

@@ -35,7 +35,7 @@ from timm.models.vision_transformer import Block
 from segm.measure import flop_analysis
 from segm.model.factory import create_segmenter
 from segm.model.token_reduction import apply_token_reduction, remove_token_reduction
-from tokred.act import ACTBlock, cluster_ids, clustered_attention, e2lsh_codes
+from tokred.act import ACTBlock, cluster_ids, clustered_attention, e2lsh_codes, hash_projections
 from tokred.errors import UsageError
 from tokred.evit import EViTBlock
 from tests.conftest import perturb_, tiny_net_kwargs
@@ -452,11 +452,11 @@ def test_distinct_codes_give_exact_attention():
     x = 20 * torch.randn(2, 10, 192, generator=gen(0))
     with torch.no_grad():
         rows = scaled_queries(attn, x)
-        ids, counts, n_clusters = cluster_ids(e2lsh_codes(rows, 32, gen(7)))
+        ids, counts, n_clusters = cluster_ids(e2lsh_codes(rows, hash_projections(64, 32, gen(7))))
         assert n_clusters == 10 and torch.equal(counts, torch.ones(6, 10))
         assert torch.equal(ids.sort(dim=1).values, torch.arange(10).expand(6, -1))
         stats = []
-        got = clustered_attention(attn, x, 32, gen(7), stats)
+        got = clustered_attention(attn, x, hash_projections(attn.head_dim, 32, gen(7)), stats)
         want = attn(x)
     assert got.shape == (2, 10, 192)
     assert torch.allclose(got, want, atol=1e-5)
@@ -467,11 +467,11 @@ def test_identical_queries_collapse_to_one_cluster_per_row():
     attn = an_attention()
     x = torch.randn(2, 1, 192, generator=gen(1)).expand(2, 9, 192).contiguous()
     with torch.no_grad():
-        ids, counts, n_clusters = cluster_ids(e2lsh_codes(scaled_queries(attn, x), 32, gen(3)))
+        ids, counts, n_clusters = cluster_ids(e2lsh_codes(scaled_queries(attn, x), hash_projections(64, 32, gen(3))))
         assert n_clusters == 1 and torch.equal(ids, torch.zeros(6, 9, dtype=torch.long))
         assert torch.equal(counts, torch.full((6, 1), 9.0))
         stats = []
-        got = clustered_attention(attn, x, 32, gen(3), stats)
+        got = clustered_attention(attn, x, hash_projections(attn.head_dim, 32, gen(3)), stats)
         assert torch.allclose(got, attn(x), atol=1e-5)
     assert stats[0][0] == 1 and float(stats[0][1]) == 1.0
 
@@ -482,7 +482,7 @@ def test_clustered_attention_matches_brute_force(n_hashes, scale):
     x = scale * torch.randn(2, 13, 192, generator=gen(n_hashes))
     with torch.no_grad():
         stats = []
-        got = clustered_attention(attn, x, n_hashes, gen(5), stats)
+        got = clustered_attention(attn, x, hash_projections(attn.head_dim, n_hashes, gen(5)), stats)
         want, width = bf_clustered_attention(attn, x, n_hashes, 5)
     assert stats[0][0] == width
     if n_hashes < 32:
@@ -493,7 +493,7 @@ def test_clustered_attention_matches_brute_force(n_hashes, scale):
 @pytest.mark.parametrize("n_hashes,scale", [(5, 40.0), (32, 60.0), (32, 0.3)])
 def test_code_packing_matches_brute_force(n_hashes, scale):
     rows = scale * torch.randn(3, 7, 16, generator=gen(2))
-    got = e2lsh_codes(rows, n_hashes, gen(9))
+    got = e2lsh_codes(rows, hash_projections(rows.shape[-1], n_hashes, gen(9)))
     want, margin = bf_codes(rows, n_hashes, 9)
     assert margin > 1e-5, f"fixture near a bucket boundary: {margin:.2e}"
     assert got.dtype == torch.int64 and got.shape == (3, 7)
@@ -505,7 +505,7 @@ def test_code_packing_spills_and_overflows_as_upstream():
     rows = 60 * torch.randn(1, 7, 16, generator=gen(2))
     want, _ = bf_codes(rows, 32, 9)
     assert any(c < 0 for c in want[0]) or any(c >= 2**62 for c in want[0])
-    assert e2lsh_codes(rows, 32, gen(9)).tolist() == want
+    assert e2lsh_codes(rows, hash_projections(rows.shape[-1], 32, gen(9))).tolist() == want
 
 
 def test_cluster_ids_match_a_brute_force_grouping():
@@ -523,7 +523,7 @@ def test_cluster_ids_match_a_brute_force_grouping():
 def test_fresh_projections_without_a_seed():
     rows = 10 * torch.randn(4, 12, 16, generator=gen(6))
     torch.manual_seed(0)
-    first, second = e2lsh_codes(rows, 32), e2lsh_codes(rows, 32)
+    first, second = (e2lsh_codes(rows, hash_projections(rows.shape[-1], 32)) for _ in range(2))
     assert not torch.equal(first, second)
     model = make_model(LINEAR, VIT, gain=1.0)
     settings = apply_token_reduction(model, "act", q_hashes=4)
@@ -562,7 +562,7 @@ def test_selected_layers_only_and_the_sequence_length_never_changes():
         h = enc.embed(x)
         blk = enc.blocks[0]
         stats = []
-        h = h + clustered_attention(blk.attn, blk.norm1(h), 3, gen(21), stats)  # block 1 draws from seed + 1
+        h = h + clustered_attention(blk.attn, blk.norm1(h), hash_projections(blk.attn.head_dim, 3, gen(21)), stats)  # block 1 draws from seed + 1
         h = h + blk.mlp(blk.norm2(h))
         for blk in enc.blocks[1:]:
             h = blk(h)

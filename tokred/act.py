@@ -16,7 +16,7 @@ them (block ``i`` uses ``seed + i``), so outputs and FLOP counts are reproducibl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from timm.models.vision_transformer import Attention
 from tokred.attention import attend, project_out, project_qkv
 from tokred.blocks import ReductionBlock, swap_block
 from tokred.options import Option, block_numbers, check_depth, integer
+from tokred.precision import fp32_island
 from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import MergeState
@@ -33,17 +34,29 @@ from tokred.state import MergeState
 BUCKET_WIDTH = 8.0
 
 
-def e2lsh_codes(q: torch.Tensor, n_hashes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+Projections = tuple[torch.Tensor, torch.Tensor]
+
+
+def hash_projections(d: int, n_hashes: int, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> Projections:
+    """E2LSH's random projection ``a`` (d, n_hashes) and offsets ``b`` (n_hashes, 1) in fp32: randn, then rand."""
+    a = torch.randn(d, n_hashes, generator=generator, device=device, dtype=torch.float32)
+    b = torch.rand(n_hashes, 1, generator=generator, device=device, dtype=torch.float32)
+    return a, b
+
+
+@fp32_island
+def e2lsh_codes(q: torch.Tensor, projections: Projections) -> torch.Tensor:
     """ACT's packed E2LSH code of every query: (R, T, d) -> (R, T) int64, computed in fp32."""
-    d = q.shape[-1]
-    a = torch.randn(d, n_hashes, generator=generator, device=q.device, dtype=torch.float32)
-    b = torch.rand(n_hashes, 1, generator=generator, device=q.device, dtype=torch.float32)
+    a, b = (t.to(q.device) for t in projections)
+    n_hashes = a.shape[1]
     hashes = torch.floor(((q.float() @ a).transpose(1, 2) + b) / BUCKET_WIDTH).long()
     hashes = hashes - hashes.min(dim=-1, keepdim=True).values
     shifts = 2 * torch.arange(n_hashes, device=q.device, dtype=torch.long)
     return (hashes << shifts.view(1, -1, 1)).sum(dim=1)
 
 
+@fp32_island
 def cluster_ids(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Clusters of equal codes per row: ids (R, T) in ascending code order, member counts (R, C), and C.
 
@@ -58,33 +71,45 @@ def cluster_ids(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return ids, counts, n_clusters
 
 
-def clustered_attention(attn: Attention, x: torch.Tensor, n_hashes: int, generator: torch.Generator | None = None,
-                        stats: list | None = None) -> torch.Tensor:
-    """timm's attention on ``x`` with ACT's query clustering; ``stats`` gets (max clusters, mean clusters per row)."""
+@fp32_island
+def centroid_queries(rows: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean query of every cluster (R, C, d), summed in fp32 as the reference does, in the queries' dtype."""
+    d = rows.shape[-1]
+    members = ids.unsqueeze(-1).expand(-1, -1, d)
+    sums = rows.new_zeros(rows.shape[0], counts.shape[1], d, dtype=torch.float32).scatter_add(1, members, rows.float())
+    return (sums / counts.clamp_min(1).unsqueeze(-1)).to(rows.dtype)
+
+
+def clustered_attention(attn: Attention, x: torch.Tensor, projections: Projections, stats: list | None = None
+                        ) -> torch.Tensor:
+    """timm's attention on ``x`` with ACT's query clustering by the hash ``projections``; ``stats`` gets
+    (max clusters, mean clusters per row) as tensors, so that a compiled forward never specialises on them."""
     q, k, v = project_qkv(attn, x)
     B, H, T, d = q.shape
     q = q * attn.scale
     rows = q.reshape(B * H, T, d)
     with section("cluster"):
         with torch.no_grad():
-            ids, counts, n_clusters = cluster_ids(e2lsh_codes(rows, n_hashes, generator))
-        members = ids.unsqueeze(-1).expand(-1, -1, d)
-        sums = torch.zeros(B * H, n_clusters, d, device=x.device, dtype=torch.float32).scatter_add(1, members, rows.float())
-        centroids = (sums / counts.clamp_min(1).unsqueeze(-1)).to(q.dtype).reshape(B, H, n_clusters, d)
+            ids, counts, n_clusters = cluster_ids(e2lsh_codes(rows, projections))
+        centroids = centroid_queries(rows, ids, counts).reshape(B, H, n_clusters, d)
     out = attend(attn, centroids, k, v, scale=1.0).reshape(B * H, n_clusters, -1)
     with section("unmerge"):
         heads = out.gather(1, ids.unsqueeze(-1).expand(-1, -1, out.shape[-1])).reshape(B, H, T, -1)
     if stats is not None:
-        stats.append((n_clusters, (counts > 0).sum(dim=1).float().mean()))
+        per_row = counts.clamp(max=1).sum(dim=1)
+        stats.append((per_row.amax(), per_row.mean()))
     return project_out(attn, heads, x)
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """What one ACT block does: hash rounds and the seed of its projections (None: fresh every forward)."""
+    """What one ACT block does: hash rounds, and its projections drawn once from its seed (None: fresh every
+    forward). Seeded projections are drawn on the CPU when the block is patched, so that the forward holds
+    no generator (a compiled forward could not trace one)."""
 
     q_hashes: int
     seed: int | None
+    projections: Projections | None = field(default=None, compare=False, repr=False)
 
 
 class ACTBlock(ReductionBlock):
@@ -94,11 +119,11 @@ class ACTBlock(ReductionBlock):
 
     def forward(self, x: torch.Tensor, state: MergeState) -> torch.Tensor:  # type: ignore[override]
         spec = self.spec
-        generator = None
-        if spec.seed is not None:
-            generator = torch.Generator(device=x.device).manual_seed(spec.seed)
+        projections = spec.projections
+        if projections is None:
+            projections = hash_projections(self.attn.head_dim, spec.q_hashes, device=x.device)
         stats = state.scratch.setdefault("act_clusters", [])
-        out = clustered_attention(self.attn, self.norm1(x), spec.q_hashes, generator, stats)
+        out = clustered_attention(self.attn, self.norm1(x), projections, stats)
         x = x + self.drop_path1(self.ls1(out))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -136,8 +161,12 @@ class ACT(TokenReducer):
         self.config["layers"] = list(layers)
 
     def apply(self, encoder: nn.Module) -> None:
-        seed = self.config["seed"]
+        seed, q_hashes = self.config["seed"], self.config["q_hashes"]
         for number in self.config["layers"]:
-            spec = ClusterSpec(self.config["q_hashes"], None if seed is None else seed + number)
-            swap_block(encoder.blocks[number - 1], ACTBlock, spec)
+            block = encoder.blocks[number - 1]
+            spec = ClusterSpec(q_hashes, None)
+            if seed is not None:
+                generator = torch.Generator().manual_seed(seed + number)
+                spec = ClusterSpec(q_hashes, seed + number, hash_projections(block.attn.head_dim, q_hashes, generator))
+            swap_block(block, ACTBlock, spec)
 

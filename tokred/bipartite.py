@@ -15,6 +15,7 @@ import math
 import torch
 
 from tokred.errors import UsageError
+from tokred.precision import fp32_island
 
 
 def check_prefix(n_prefix: int) -> None:
@@ -28,6 +29,7 @@ def merge_cap(n_tokens: int, n_prefix: int) -> int:
     return (n_tokens - n_prefix) // 2
 
 
+@fp32_island
 def best_partners(metric: torch.Tensor, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For every A token, its best cosine similarity to a B token and that B index, in fp32.
 
@@ -44,6 +46,7 @@ def best_partners(metric: torch.Tensor, n_prefix: int) -> tuple[torch.Tensor, to
         return scores.max(dim=-1)
 
 
+@fp32_island
 def bipartite_destinations(
     node_max: torch.Tensor, node_idx: torch.Tensor, n_tokens: int, r: int, n_prefix: int
 ) -> torch.Tensor:

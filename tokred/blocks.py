@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from tokred.attention import AttentionOutput, attention
+from tokred.precision import compute_dtype
 from tokred.profiling import section
 from tokred.state import MergeState
 
@@ -49,7 +50,7 @@ def run_block(block: nn.Module, x: torch.Tensor, state: MergeState) -> torch.Ten
     """Run one encoder block: reduction blocks get the state, plain blocks the proportional-attention mask."""
     if isinstance(block, ReductionBlock):
         return block(x, state)
-    return block(x, attn_mask=state.attn_bias(x.dtype))
+    return block(x, attn_mask=state.attn_bias(compute_dtype(x)))
 
 
 class MidBlock(ReductionBlock):
@@ -63,7 +64,7 @@ class MidBlock(ReductionBlock):
     needs_cls_attn = False
 
     def forward(self, x: torch.Tensor, state: MergeState) -> torch.Tensor:  # type: ignore[override]
-        out = attention(self.attn, self.norm1(x), state.attn_bias(x.dtype), keys=self.needs_keys,
+        out = attention(self.attn, self.norm1(x), state.attn_bias(compute_dtype(x)), keys=self.needs_keys,
                         cls_attn=self.needs_cls_attn)
         x = x + self.drop_path1(self.ls1(out.out))
         with section("reduce"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tokred.errors import UsageError
 from tokred.options import Option, integer
+from tokred.precision import fp32_island
 from tokred.profiling import section
 from tokred.reducer import TokenReducer, vit_encoder_of
 from tokred.state import MergeState
@@ -33,6 +34,7 @@ def optional_count(name: str) -> Any:
     return lambda value: None if value is None else check(value)
 
 
+@fp32_island
 def share_ranking(logits: torch.Tensor) -> torch.Tensor:
     """Superpatch cells (B, h2 * w2) from most to least shareable; ties keep raster order."""
     scores = torch.softmax(logits.float(), dim=1)[:, 1].flatten(1)

@@ -32,6 +32,7 @@ from tokred.bipartite import check_prefix
 from tokred.blocks import MidBlock, swap_block
 from tokred.errors import UsageError
 from tokred.options import Option, block_numbers, boolean, check_depth, one_of, real
+from tokred.precision import fp32_island
 from tokred.reducer import TokenReducer
 from tokred.state import MergeState
 
@@ -59,6 +60,13 @@ def complement(kept: torch.Tensor, count: int) -> torch.Tensor:
     return marked.sort(dim=1).values[:, : count - kept.shape[1]]
 
 
+@fp32_island
+def attentiveness(cls_attn: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """EViT's score of every non-prefix token: the class token's attention to it, averaged over heads, in fp32."""
+    return cls_attn[:, :, n_prefix:].float().mean(dim=1)
+
+
+@fp32_island
 def nearest_kept(features: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     """For every pruned token, the rank (0..K-1) of its nearest kept token by squared Euclidean distance.
 
@@ -87,7 +95,7 @@ class EViTBlock(MidBlock):
         K = math.ceil(spec.keep_rate * count)
         if K >= count:
             return x
-        scores = attn.cls_attn[:, :, n:].float().mean(dim=1)
+        scores = attentiveness(attn.cls_attn, n)
         with torch.no_grad():
             kept = scores.topk(K, dim=1, largest=True, sorted=True).indices
             pruned = complement(kept, count)

@@ -39,6 +39,7 @@ from tokred.bipartite import check_prefix
 from tokred.blocks import ReductionBlock, swap_block
 from tokred.errors import UsageError
 from tokred.options import Option, boolean, integer, is_int, one_of, real
+from tokred.precision import compute_dtype, fp32_island
 from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import MergeState
@@ -94,6 +95,7 @@ def pairwise_sq_dist(tokens: torch.Tensor, centres: torch.Tensor) -> torch.Tenso
             - 2 * tokens @ centres.transpose(1, 2))
 
 
+@fp32_island
 def cluster_tokens(tokens: torch.Tensor, grid: tuple[int, int], clusters: tuple[int, int], n_iters: int,
                    temperature: float, radius: int) -> torch.Tensor:
     """Expedite's token clustering of (B, gh*gw, C) raster tokens into (B, h*w, C) centroids (raster), fp32."""
@@ -114,6 +116,7 @@ def cluster_tokens(tokens: torch.Tensor, grid: tuple[int, int], clusters: tuple[
     return centres
 
 
+@fp32_island
 def reconstruction_map(before: torch.Tensor, centres: torch.Tensor, k: int, temperature: float
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Expedite's kNN reconstruction weights as a sparse map: indices and L2-normalised weights (B, N, k').
@@ -150,7 +153,7 @@ class ClusteringBlock(ReductionBlock):
     spec: ClusterSpec
 
     def forward(self, x: torch.Tensor, state: MergeState) -> torch.Tensor:  # type: ignore[override]
-        x = Block.forward(self, x, attn_mask=state.attn_bias(x.dtype))
+        x = Block.forward(self, x, attn_mask=state.attn_bias(compute_dtype(x)))
         spec = self.spec
         n = state.n_prefix
         (gh, gw), (h, w) = state.grid, spec.num_clusters

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from tokred.errors import UsageError
 from tokred.options import Option, is_int, is_real, one_of
+from tokred.precision import fp32_island
 from tokred.profiling import section
 from tokred.reducer import TokenReducer
 from tokred.state import merge_mean
@@ -129,6 +130,7 @@ def grid_split(h: int, w: int, sy: int, sx: int, device: torch.device) -> tuple[
     return order[n_dst:], order[:n_dst]
 
 
+@fp32_island
 def bipartite_2d(metric: torch.Tensor, hw: tuple[int, int], stride: tuple[int, int], ratio: float
                  ) -> tuple[torch.Tensor | None, int]:
     """``(dest, n_out)`` of tomesd's 2D bipartite matching on ``metric`` (B, h*w, c); ``dest`` None when nothing merges.

@@ -95,7 +95,7 @@ class MergeState:
             raise UsageError(f"{T} tokens do not match {n_prefix} prefix tokens and a {grid[0]}x{grid[1]} grid")
         state = cls(
             torch.ones(B, T, 1, device=x.device, dtype=torch.float32) if size is None else size,
-            torch.arange(n_prefix, T, device=x.device).expand(B, -1) if index is None else index,
+            torch.arange(n_prefix, T, device=x.device).repeat(B, 1) if index is None else index,
             n_prefix, tuple(grid), bool(prop_attn), bool(trace_source),
         )
         if index is not None:
@@ -165,13 +165,17 @@ class MergeState:
         return x
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Proportional attention: ``log(size)`` of every key as an additive mask (B, 1, 1, T).
+        """Proportional attention: ``log(size)`` of every key as an additive mask (B, 1, 1, T) in ``dtype``.
 
-        ``None`` without proportional attention or before any merge (all sizes are 1 then).
+        ``None`` without proportional attention or before any merge (all sizes are 1 then). The logarithm
+        of the fp32 sizes is written straight into ``dtype`` (the attention's, ``compute_dtype``): one
+        kernel, no separate conversion of the mask.
         """
         if not self.prop_attn or not self.merged:
             return None
-        return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+        B, T, _ = self.size.shape
+        bias = self.size.new_empty(B, 1, 1, T, dtype=dtype)
+        return torch.log(self.size.transpose(1, 2).unsqueeze(1), out=bias)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -207,7 +211,7 @@ class MergeState:
             patches = self.unmerge(x[:, self.n_prefix :])
         x = torch.cat([x[:, : self.n_prefix], patches], dim=1)
         B, T, _ = x.shape
-        self.index = torch.arange(self.n_prefix, T, device=x.device).expand(B, -1)
+        self.index = torch.arange(self.n_prefix, T, device=x.device).repeat(B, 1)
         self.weight = None
         self.size = torch.ones(B, T, 1, device=x.device, dtype=torch.float32)
         self.merged = False
