@@ -23,7 +23,7 @@ import segm.model.segmenter as segmenter
 from segm.measure import measurement_loader, timed_call
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.inference import upsample_logits
-from segm.speedtest import DTYPES, dtype_autocast
+from segm.runtime import DTYPES, dtype_autocast
 
 from patch_types import machine_card
 from report import emit

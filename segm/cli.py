@@ -23,6 +23,7 @@ import click
 import torch
 
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options, variant_token_reduction
+from segm.runtime import DTYPES
 from tokred.errors import UsageError
 from tokred.options import Option
 
@@ -259,6 +260,16 @@ def window_batch_option(default: int) -> Callable:
                         help="Windows per forward; adaptive merge counts (ALGM) are a minimum over each group.")
 
 
+def dtype_option(what: str) -> Callable:
+    """``--dtype fp32|bf16|fp16``: the autocast dtype of ``what`` (merge decisions stay fp32)."""
+    return click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True,
+                        help=f"Autocast dtype of {what}; merge decisions stay fp32.")
+
+
+compile_option = click.option(
+    "--compile", "compiled", is_flag=True, default=False,
+    help="Run the model through torch.compile (dynamic token counts; the first forwards compile).",
+)
 device_option = click.option(
     "--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)."
 )

@@ -25,7 +25,7 @@ import click
 import torch
 import yaml
 
-from segm.cli import Command, device_option, fail_cleanly, resolve_device, root_option, window_batch_option
+from segm.cli import Command, device_option, dtype_option, fail_cleanly, resolve_device, root_option, window_batch_option
 from segm.compare_report import write_reports
 from segm.data import create_dataset, create_loader
 from segm.engine import evaluate
@@ -34,7 +34,8 @@ from segm.flops import block_tokens
 from segm.measure import gflops_per_image, measurement_loader, time_shares
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options, variant_token_reduction
-from segm.speedtest import DTYPES, dtype_autocast, measure
+from segm.runtime import dtype_autocast
+from segm.speedtest import measure
 from segm.utils.progress import progress
 from tokred.errors import UsageError
 
@@ -148,7 +149,7 @@ def paired_setups(model: torch.nn.Module, method: str, options: dict[str, Any]) 
 @click.option("--repeat", type=click.IntRange(1), default=32, show_default=True, help="Copies of each image per timed forward.")
 @click.option("--warmup", type=click.IntRange(0), default=50, show_default=True, help="Untimed forwards per point.")
 @click.option("--iters", type=click.IntRange(1), default=None, help="Timed forwards per point (default: the images).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True, help="Autocast dtype (timing).")
+@dtype_option("the timing (the mIoU is fp32)")
 @click.option("--overwrite", is_flag=True, default=False, help="Reuse an --out folder that holds another checkpoint's results.")
 @click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True)
 @root_option

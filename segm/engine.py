@@ -48,13 +48,6 @@ class StopRequest:
         return bool(all_reduce_sum(flag).item() > 0)
 
 
-def autocast_context(device: torch.device, enabled: bool, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of autocast contexts (or no-ops when AMP is off)."""
-    if not enabled:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],

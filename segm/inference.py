@@ -18,7 +18,9 @@ from PIL import Image
 from segm.cli import (
     Command,
     apply_requested_reduction,
+    compile_option,
     device_option,
+    dtype_option,
     fail_cleanly,
     reduction_request,
     refuse_overwriting,
@@ -30,6 +32,7 @@ from segm.data import dataset_info, dataset_names, load_rgb
 from segm.images import model_input, resize_rgb, short_side_size
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.inference import inference
+from segm.runtime import compile_model, dtype_autocast
 from segm.utils.progress import progress
 from segm.visualize import blend, colorize, merge_panels, reduction_maps
 from tokred.errors import UsageError
@@ -58,6 +61,8 @@ def list_images(folder: Path) -> list[Path]:
 @click.option("--resize/--no-resize", default=False, show_default=True,
               help="Resize the short side to the model's im_size first (the reference does not).")
 @window_batch_option(2)
+@dtype_option("the forward")
+@compile_option
 @click.option("--show-merges", is_flag=True, default=False,
               help="Draw the merge groups of every reduction step beside the prediction.")
 @token_reduction_options
@@ -81,14 +86,16 @@ def main(model_path: Path, input_dir: Path, output_dir: Path, use_gpu: bool | No
     inf = variant.get("inference_kwargs", {})
     crop = variant_crop_size(variant)
     window, stride = inf.get("window_size", crop), inf.get("window_stride", crop)
+    forward = compile_model(model) if opts["compiled"] else model
+    autocast = dtype_autocast(device, opts["dtype"])
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in progress(images, desc="images"):
         rgb = load_rgb(path)
         if opts["resize"]:
             rgb = resize_rgb(rgb, short_side_size(*rgb.shape[:2], inf.get("im_size", crop)))
         x = model_input(rgb, normalization)[None].to(device)
-        with torch.no_grad():
-            probs = inference(model, [x], [{"flip": False}], rgb.shape[:2], window, stride, opts["window_batch_size"])
+        with torch.no_grad(), autocast():
+            probs = inference(forward, [x], [{"flip": False}], rgb.shape[:2], window, stride, opts["window_batch_size"])
         out = blend(rgb, colorize(probs.argmax(0), info.palette))
         if opts["show_merges"]:
             maps, grid = reduction_maps(model, x, patch_type)

@@ -2,7 +2,8 @@
 
 Every loader batch is repeated ``--repeat`` (32) times, the first ``--warmup`` (50) forwards are not timed,
 every later forward is timed between device synchronisations, and ``im/s = repeat * batch / mean time``
-(fp32, no_grad). ``--compare A,B`` times two patch types in one process, interleaved on the same images.
+(no_grad; fp32 unless ``--dtype``, eager unless ``--compile``). ``--compare A,B`` times two patch types in
+one process, interleaved on the same images.
 Prints ``FPS: <im/s>`` and a one-line JSON summary.
 """
 
@@ -22,25 +23,18 @@ from segm.cli import (
     Command,
     ReductionRequest,
     apply_requested_reduction,
+    compile_option,
+    dtype_option,
     fail_cleanly,
     reduction_request,
     resolve_device,
     token_reduction_options,
 )
-from segm.engine import autocast_context
 from segm.measure import default_n_cls, measured_model, measurement_loader, measurement_options, timed_call
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, variant_token_reduction
+from segm.runtime import compile_model, dtype_autocast
 from segm.utils.progress import progress
 from tokred.errors import UsageError
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dtype_autocast(device: torch.device, name: str) -> Callable:
-    """The autocast context factory of a ``--dtype`` name (a no-op one for fp32)."""
-    dtype = DTYPES[name]
-    return autocast_context(device, dtype is not None, dtype)
-
 
 def timed_forward(model: nn.Module, x: torch.Tensor, device: torch.device, autocast: Callable) -> float:
     """Seconds of one forward, between device synchronisations."""
@@ -114,7 +108,8 @@ def reduction_setups(model: nn.Module, request: ReductionRequest, variant: dict[
 @click.option("--repeat", type=POSITIVE, default=32, show_default=True, help="Copies of each batch per forward.")
 @click.option("--warmup", type=click.IntRange(0), default=50, show_default=True, help="Untimed forwards first.")
 @click.option("--iters", type=POSITIVE, default=None, help="Timed forwards (default: the rest of the validation set).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True, help="Autocast dtype.")
+@dtype_option("the timed forwards")
+@compile_option
 @click.option("--channels-last", is_flag=True, default=False, help="Channels-last input (helps the patch embedding).")
 @click.option("--compare", is_flag=False, flag_value="pure,algm", default=None, metavar="A,B",
               help="Time two patch types interleaved on the same images (alone: pure,algm); prints both and the speed-up.")
@@ -138,12 +133,13 @@ def main(**opts: Any) -> None:
     loader, data_name = measurement_loader(opts["dataset"], opts["root"], "val", info["crop_size"], info["normalization"],
                                            opts["batch_size"], opts["keep_aspect"])
     autocast = dtype_autocast(device, opts["dtype"])
-    times = measure(model, loader, device, opts["repeat"], opts["warmup"], opts["iters"], autocast,
+    forward = compile_model(model) if opts["compiled"] else model
+    times = measure(forward, loader, device, opts["repeat"], opts["warmup"], opts["iters"], autocast,
                     opts["channels_last"], variants)
     images = opts["repeat"] * opts["batch_size"]
     fps = {name: round(images / (sum(t) / len(t)), 2) for name, t in times.items()}
     summary = {
-        "model": info["source"], "data": data_name, "device": str(device), "dtype": opts["dtype"],
+        "model": info["source"], "data": data_name, "device": str(device), "dtype": opts["dtype"], "compiled": opts["compiled"],
         "batch": images, "timed_forwards": len(next(iter(times.values()))), "warmup": opts["warmup"],
         "input": "keep-aspect" if opts["keep_aspect"] else f"{info['crop_size']}x{info['crop_size']}",
         "fps": fps,

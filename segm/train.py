@@ -39,12 +39,13 @@ from segm.cli import (
 )
 from segm.config import training_defaults
 from segm.data import STATS, create_dataset, create_loader, per_process_batch_size
-from segm.engine import NonFiniteLossError, StopRequest, autocast_context, evaluate, train_one_epoch
+from segm.engine import NonFiniteLossError, StopRequest, evaluate, train_one_epoch
 from segm.model.factory import POLICY_METHODS, create_segmenter, load_policy_weights, load_variant, net_kwargs_for
 from segm.model.token_reduction import variant_entry
 from segm.model.weights import check_state_dict, read_checkpoint, to_float32
 from segm.optim import PolynomialLR, create_optimizer
 from segm.run_dir import RunLock, check_free_space, earlier_run_files, move_aside, remove_stale_temporaries
+from segm.runtime import DTYPES, autocast_context
 from segm.utils import distributed
 from segm.utils.checkpoint import (
     gather_objects,
@@ -56,7 +57,7 @@ from segm.utils.checkpoint import (
 )
 from tokred.errors import UsageError
 
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+AMP_DTYPES = {name: dtype for name, dtype in DTYPES.items() if dtype is not None}
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, run the same command again to continue
 # Settings a resumed run may change; anything else in variant.yml must be as the run started.
 SAFE_CHANGES = ("algorithm_kwargs.num_epochs", "optimizer_kwargs.epochs", "optimizer_kwargs.iter_max",

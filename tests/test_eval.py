@@ -61,7 +61,7 @@ def test_miou_prints_reference_lines_and_matches_a_bruteforce_evaluation(checkpo
     assert scores["settings"] == {
         "checkpoint": str(path), "dataset": "synthetic", "split": "val", "images": 8, "frac_dataset": 0.125,
         "patch_type": "pure", "patch_settings": {}, "short_side": 96, "window_size": 64, "window_stride": 40,
-        "window_batch_size": 3}
+        "window_batch_size": 3, "dtype": "fp32", "compiled": False}
     assert "| class" in result.stdout
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segm.model.inference import (
-    forward_windows,
+    WindowCanvas,
     inference,
     merge_windows,
     padding,
@@ -16,6 +16,7 @@ from segm.model.inference import (
     sliding_window,
     unpadding,
     window_anchors,
+    window_batches,
 )
 
 
@@ -106,9 +107,30 @@ def test_window_batches_are_forwarded_in_groups_of_batch_size():
     windows = sliding_window(im, False, 64, 32)
     n = len(windows["anchors"])
     model.batches.clear()
-    out = forward_windows(model, windows["crop"], 4)
-    assert out.shape == (n, 4, 64, 64)
+    out = list(window_batches(model, windows["crop"], 4))
     assert model.batches == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    with torch.no_grad():
+        assert torch.equal(torch.cat(out), model(windows["crop"]))
+
+
+def test_canvas_sums_windows_in_place_and_checks_their_number():
+    windows = sliding_window(torch.zeros(1, 3, 6, 10), False, 4, 3)
+    canvas = WindowCanvas(windows, 4)
+    logits = torch.randn(len(windows["anchors"]), 2, 4, 4)
+    with pytest.raises(ValueError, match="0 of 6 windows were added"):
+        canvas.probabilities((6, 10))
+    canvas.add(logits[:4])
+    first = canvas.logits
+    canvas.add(logits[4:])
+    assert canvas.logits is first and first.is_contiguous(memory_format=torch.channels_last)
+    total = torch.zeros(2, 6, 10)
+    count = torch.zeros(1, 6, 10)
+    for window, (ha, wa) in zip(logits, windows["anchors"]):
+        total[:, ha:ha + 4, wa:wa + 4] += window
+        count[:, ha:ha + 4, wa:wa + 4] += 1
+    assert torch.allclose(canvas.probabilities((6, 10)), F.softmax(total / count, 0), atol=1e-6)
+    with pytest.raises(ValueError, match="7 windows added to a view cut into 6"):
+        canvas.add(logits[:1])
 
 
 def test_views_are_averaged_and_flipped_back():

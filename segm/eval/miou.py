@@ -28,7 +28,9 @@ from segm.cli import (
     Command,
     ReductionRequest,
     apply_requested_reduction,
+    compile_option,
     device_option,
+    dtype_option,
     fail_cleanly,
     reduction_request,
     resolve_device,
@@ -43,6 +45,7 @@ from segm.data.loader import ShardSampler
 from segm.engine import evaluate
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.run_dir import move_aside
+from segm.runtime import compile_model, dtype_autocast
 from segm.utils import distributed
 from segm.visualize import blend, colorize, denormalize
 from tokred.errors import UsageError
@@ -130,6 +133,8 @@ def format_table(names: list[str], cat_iou: np.ndarray, cat_acc: np.ndarray) -> 
 @click.option("-frac-dataset", "--frac-dataset", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Evaluate the first ceil(fraction x N) validation images (in 0..1, 0 excluded).")
 @click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True)
+@dtype_option("the forward")
+@compile_option
 @device_option
 @token_reduction_options
 @fail_cleanly
@@ -178,9 +183,10 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: Redu
                 click.echo(f"note: moved the earlier evaluation images to {moved}", err=True)
         distributed.barrier()
         saver = ImageSaver(images_dir, dataset, normalization, opts["blend"])
-    scores = evaluate(model, loader, dataset.n_cls, window_size, window_stride, device,
-                      window_batch_size=opts["window_batch_size"], show_progress=env.is_main,
-                      max_images=per_process, on_prediction=saver)
+    forward = compile_model(model) if opts["compiled"] else model
+    scores = evaluate(forward, loader, dataset.n_cls, window_size, window_stride, device,
+                      window_batch_size=opts["window_batch_size"], autocast=dtype_autocast(device, opts["dtype"]),
+                      show_progress=env.is_main, max_images=per_process, on_prediction=saver)
     distributed.barrier()
     if not env.is_main:
         return
@@ -202,7 +208,7 @@ def run(model_path: Path, dataset_name: str, opts: dict[str, Any], request: Redu
             "checkpoint": str(model_path), "dataset": dataset_name, "split": "val", "images": scores["images"],
             "frac_dataset": opts["frac_dataset"], "patch_type": patch_type, "patch_settings": settings,
             "short_side": im_size, "window_size": window_size, "window_stride": window_stride,
-            "window_batch_size": opts["window_batch_size"],
+            "window_batch_size": opts["window_batch_size"], "dtype": opts["dtype"], "compiled": opts["compiled"],
         },
     }
     path = scores_path(model_dir, "ms" if opts["multiscale"] else "ss", out["settings"])

@@ -2,11 +2,12 @@
 
 Windows are forwarded ``batch_size`` at a time in the reference's order (row-major anchors); with ALGM
 the merge count is a minimum over each such group, so the grouping is part of the method's semantics.
+Each group's logits go straight into one ``WindowCanvas`` per view; views are summed in place.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,19 +44,27 @@ def upsampling_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+def channels_last_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a freshly allocated channels-last ``[B, C, H, W]`` tensor."""
+    _, C, H, W = shape
+    return (H * W * C, 1, W * C, C)
+
+
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of ``[B, K, h, w]`` class logits to the image ``size``, in the layout fastest here.
 
     On CPU the logits go channels-last, which upsamples about 1.6x faster than NCHW with the same values
     (to float rounding) and stays channels-last: converting a full-size map back would cost more than it
-    saves. The small input is always copied, so that its strides are canonical: a batch-1 view can pass as
-    channels-last and still make the kernel choose NCHW. The dtype is ``upsampling_dtype``. Under the
-    profiler the call is the ``segm::upsample`` range that the time shares report.
+    saves. The input is copied unless it already is a channels-last tensor of that dtype with canonical
+    strides (the window canvas): a batch-1 view can pass as channels-last and still make the kernel
+    choose NCHW. The dtype is ``upsampling_dtype``. Under the profiler the call is the ``segm::upsample``
+    range that the time shares report.
     """
     with section("upsample", prefix="segm::"):
         dtype = upsampling_dtype(logits)
         if logits.device.type == "cpu":
-            logits = logits.to(dtype, memory_format=torch.channels_last, copy=True)
+            if logits.dtype != dtype or logits.stride() != channels_last_strides(logits.shape):
+                logits = logits.to(dtype, memory_format=torch.channels_last, copy=True)
         else:
             logits = logits.to(dtype)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -100,32 +109,68 @@ def sliding_window(
     return {"crop": crops, "anchors": anchors, "flip": flip, "shape": (H, W)}
 
 
+class WindowCanvas:
+    """The sum of window logits and the number of windows over every pixel of one view, filled as windows arrive.
+
+    Windows are added in anchor order straight into one fp32 canvas (channels-last on CPU, the layout
+    ``upsample_logits`` takes without a copy), so no stack of window logits and no second full-size map
+    is ever built; ``probabilities`` divides in place, upsamples, undoes the flip and applies the softmax.
+    """
+
+    def __init__(self, windows: Mapping[str, Any], window_size: int):
+        self.anchors = list(windows["anchors"])
+        self.shape = tuple(windows["shape"])
+        self.flip = bool(windows["flip"])
+        self.window_size = window_size
+        self.logits: torch.Tensor | None = None
+        self.filled = 0
+
+    def add(self, logits: torch.Tensor) -> None:
+        """Add the logits ``[n, K, ws, ws]`` of the next ``n`` windows."""
+        if self.filled + len(logits) > len(self.anchors):
+            raise ValueError(f"{self.filled + len(logits)} windows added to a view cut into {len(self.anchors)}")
+        ws = self.window_size
+        if self.logits is None:
+            H, W = self.shape
+            Hp = max(max(ha for ha, _ in self.anchors) + ws, H)
+            Wp = max(max(wa for _, wa in self.anchors) + ws, W)
+            layout = torch.channels_last if logits.device.type == "cpu" else torch.contiguous_format
+            self.logits = torch.empty(1, logits.shape[1], Hp, Wp, dtype=torch.float32, device=logits.device,
+                                      memory_format=layout).zero_()
+        for window, (ha, wa) in zip(logits, self.anchors[self.filled :]):
+            self.logits[0, :, ha : ha + ws, wa : wa + ws] += window
+        self.filled += len(logits)
+
+    def probabilities(self, ori_shape: Sequence[int]) -> torch.Tensor:
+        """Mean window logits, upsampled to ``ori_shape``, flipped back, softmax in fp32: ``[K, H0, W0]``."""
+        if self.logits is None or self.filled != len(self.anchors):
+            raise ValueError(f"{self.filled} of {len(self.anchors)} windows were added")
+        ws = self.window_size
+        count = self.logits.new_zeros((1, 1, *self.logits.shape[2:]))
+        for ha, wa in self.anchors:
+            count[:, :, ha : ha + ws, wa : wa + ws] += 1
+        H, W = self.shape
+        logit = upsample_logits(self.logits.div_(count)[:, :, :H, :W], tuple(ori_shape))
+        if self.flip:
+            logit = torch.flip(logit, (3,))
+        return F.softmax(logit[0], 0, dtype=torch.float32)
+
+
 def merge_windows(windows: Mapping[str, Any], window_size: int, ori_shape: Sequence[int]) -> torch.Tensor:
-    """Average overlapping window logits, resize to ``ori_shape``, undo the flip, softmax: ``[K, H0, W0]``."""
-    seg_maps = windows["seg_maps"]
-    anchors = windows["anchors"]
-    H, W = windows["shape"]
-    ws = window_size
-    Hp = max(max(ha for ha, _ in anchors) + ws, H)
-    Wp = max(max(wa for _, wa in anchors) + ws, W)
-    logit = seg_maps.new_zeros((seg_maps.shape[1], Hp, Wp))
-    count = seg_maps.new_zeros((1, Hp, Wp))
-    for window, (ha, wa) in zip(seg_maps, anchors):
-        logit[:, ha : ha + ws, wa : wa + ws] += window
-        count[:, ha : ha + ws, wa : wa + ws] += 1
-    logit = (logit / count)[:, :H, :W]
-    logit = F.interpolate(logit.unsqueeze(0), tuple(ori_shape), mode="bilinear", align_corners=False)[0]
-    if windows["flip"]:
-        logit = torch.flip(logit, (2,))
-    return F.softmax(logit, 0)
+    """Average the overlapping window logits ``windows["seg_maps"]``, resize to ``ori_shape``, undo the flip,
+    softmax: ``[K, H0, W0]``."""
+    canvas = WindowCanvas(windows, window_size)
+    canvas.add(windows["seg_maps"])
+    return canvas.probabilities(ori_shape)
 
 
-def forward_windows(model: nn.Module, crops: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits of ``crops`` forwarded ``batch_size`` windows at a time, in order, as float32."""
-    with torch.no_grad():
-        return torch.cat([model(crops[i : i + batch_size]).float() for i in range(0, len(crops), batch_size)])
+def window_batches(model: nn.Module, crops: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Logits of ``crops`` forwarded ``batch_size`` windows at a time, in order."""
+    for i in range(0, len(crops), batch_size):
+        yield model(crops[i : i + batch_size])
 
 
+@torch.no_grad()
 def inference(
     model: nn.Module,
     ims: Sequence[torch.Tensor],
@@ -145,7 +190,9 @@ def inference(
     for im, meta in zip(ims, ims_metas):
         im = resize(im.to(device), window_size)
         windows = sliding_window(im, bool(meta["flip"]), window_size, window_stride)
-        windows["seg_maps"] = forward_windows(model, windows.pop("crop"), batch_size)
-        probs = merge_windows(windows, window_size, ori_shape)
-        seg_map = probs if seg_map is None else seg_map + probs
-    return seg_map / len(ims)
+        canvas = WindowCanvas(windows, window_size)
+        for logits in window_batches(model, windows["crop"], batch_size):
+            canvas.add(logits)
+        probs = canvas.probabilities(ori_shape)
+        seg_map = probs if seg_map is None else seg_map.add_(probs)
+    return seg_map.div_(len(ims))
