@@ -4,10 +4,16 @@ One random-weight model (default ViT-S/16 + mask transformer at 512), synthetic 
 crop, each image repeated ``--batch`` times per forward (the speedtest protocol). Per dtype, all points
 are timed interleaved on the same images, so each speed-up over pure is a ratio within one run; ``kept``
 is a point's speed-up in that dtype divided by its fp32 speed-up (1.0: the reduction is worth as much in
-that precision). The shares of one profiled forward split its time into reduction bookkeeping
+that precision). The shares of one profiled eager forward split its time into reduction bookkeeping
 (``tokred::`` ranges), the final upsampling of the class masks (``segm::upsample``) and the rest.
 
-    python benchmarks/precision.py [--point algm --point tome:r=8 ...] [--dtypes fp32,bf16] [--out FILE.md]
+With ``--compile`` every point also runs through ``segm.runtime.compile_model``: an untimed pass over
+``--compile-warmup`` other images compiles every graph (merge counts vary between them), then the
+same timed forwards as eager; the table adds compiled im/s, the compiled speed-up over eager, the
+graphs compiled while timing (0: no image after the warm-up compiled anything) and the graph breaks.
+
+    python benchmarks/precision.py [--point algm --point tome:r=8 ...] [--dtypes fp32,bf16] [--compile]
+                                   [--out FILE.md]
 
 Points are written as in ``patch_types.py``; without ``--point`` every ViT patch type runs at its defaults.
 """
@@ -16,13 +22,17 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import click
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 from segm.measure import measurement_loader, time_shares
 from segm.model.token_reduction import apply_token_reduction
-from segm.speedtest import DTYPES, batches, dtype_autocast, measure
+from segm.runtime import DTYPES, compile_model, dtype_autocast
+from segm.speedtest import batches, measure
 
 from patch_types import benchmark_model, decoder_name, machine_card
 from report import emit
@@ -39,9 +49,12 @@ from report import emit
 @click.option("--warmup", type=int, default=None, help="Untimed forwards (default: 20 on GPU, 1 on CPU).")
 @click.option("--iters", type=int, default=None, help="Timed forwards per point and dtype (default: 100 on GPU, "
               "3 on CPU).")
+@click.option("--compile", "compiled", is_flag=True, default=False, help="Also time every point compiled.")
+@click.option("--compile-warmup", type=int, default=8, show_default=True,
+              help="Images of the untimed compiled pass (not the timed ones).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the table here.")
 def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes: str | None, batch: int | None,
-         warmup: int | None, iters: int | None, out: Path | None) -> None:
+         warmup: int | None, iters: int | None, compiled: bool, compile_warmup: int, out: Path | None) -> None:
     """Speed-up over pure of every patch type in fp32 and in lower-precision autocast, with time shares."""
     dev = torch.device(device)
     gpu = dev.type == "cuda"
@@ -55,32 +68,60 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes:
     iters = iters or (100 if gpu else 3)
     model, info, chosen = benchmark_model(backbone, crop, points)
     model.to(dev)
-    loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters)
-    probe = next(iter(batches(loader, 1))).to(dev).repeat(batch, 1, 1, 1)
+    extra = compile_warmup if compiled else 0
+    loader, _ = measurement_loader("synthetic", None, "val", crop, info["normalization"], limit=warmup + iters + extra)
+    images = list(batches(loader, warmup + iters + extra))
+    timed, compile_images = images[: warmup + iters], images[warmup + iters :]
+    probe = timed[0].to(dev).repeat(batch, 1, 1, 1)
     setups, settings = {}, {}
     for label, name, options in chosen:
         settings[label] = apply_token_reduction(model, name, **options)
         setups[label] = lambda name=name, options=options: apply_token_reduction(model, name, **options)
     fps: dict[str, dict[str, float]] = {}
+    fps_compiled: dict[str, dict[str, float]] = {}
+    late_graphs: dict[str, int] = {}
     shares: dict[str, dict[str, dict[str, float]]] = {}
+    forward = compile_model(model) if compiled else None
     for dtype in names:
         autocast = dtype_autocast(dev, dtype)
-        times = measure(model, loader, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
+        times = measure(model, timed, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
         fps[dtype] = {label: batch / statistics.mean(t) for label, t in times.items()}
+        if forward is not None:
+            measure(forward, compile_images, dev, batch, len(compile_images), 0, autocast, False, setups,
+                    show_progress=False)
+            before = counters["stats"]["unique_graphs"]
+            times = measure(forward, timed, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
+            late_graphs[dtype] = counters["stats"]["unique_graphs"] - before
+            fps_compiled[dtype] = {label: batch / statistics.mean(t) for label, t in times.items()}
         shares[dtype] = {}
         for label, setup in setups.items():
             setup()
             shares[dtype][label] = time_shares(model, probe, autocast, runs=1)
+    breaks = {label: graph_breaks(model, setup, probe) for label, setup in setups.items()} if compiled else {}
     base = next(label for label, name, _ in chosen if name == "pure")
     emit("\n".join(report_lines(backbone, decoder_name(model), crop, dev, batch, warmup, iters, names, chosen,
-                                settings, fps, shares, base)), out)
+                                settings, fps, shares, base, fps_compiled, late_graphs, breaks)), out)
+
+
+def graph_breaks(model: torch.nn.Module, setup: Callable[[], None], x: torch.Tensor) -> str:
+    """Where compiling one point's forward breaks the graph: ``count x file:line`` per place, or none."""
+    setup()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(x)
+    places: dict[str, int] = {}
+    for reason in explained.break_reasons:
+        frame = reason.user_stack[-1] if reason.user_stack else None
+        place = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+        places[place] = places.get(place, 0) + 1
+    return ", ".join(f"{n} x {place}" for place, n in places.items()) or "none"
 
 
 def report_lines(backbone: str, decoder: str, crop: int, device: torch.device, batch: int, warmup: int, iters: int,
                  dtypes: list[str], chosen: list[tuple[str, str, dict]], settings: dict[str, dict],
-                 fps: dict[str, dict[str, float]], shares: dict[str, dict[str, dict[str, float]]], base: str
+                 fps: dict[str, dict[str, float]], shares: dict[str, dict[str, dict[str, float]]], base: str,
+                 fps_compiled: dict[str, dict[str, float]], late_graphs: dict[str, int], breaks: dict[str, str]
                  ) -> list[str]:
-    """The Markdown report: a speed table over dtypes, then the time shares per dtype."""
+    """The Markdown report: a speed table over dtypes, the compiled table (if timed), then the time shares."""
     head = "| patch type | settings | " + " | ".join(f"im/s {d} | speed-up {d}" + (f" | kept {d}" if d != "fp32" else "")
                                                   for d in dtypes) + " |"
     lines = [
@@ -100,7 +141,17 @@ def report_lines(backbone: str, decoder: str, crop: int, device: torch.device, b
             if d != "fp32":
                 cells[-1] += f" | {speedup / (fps['fp32'][label] / fps['fp32'][base]):.3f}"
         lines.append(f"| {name} | {shown} | " + " | ".join(cells) + " |")
-    lines += ["", "Shares of one profiled forward (bookkeeping / upsampling / rest):", "",
+    if fps_compiled:
+        head = "| patch type | " + " | ".join(f"im/s {d} | speed-up {d} | vs eager {d}" for d in dtypes) + " | graph breaks |"
+        compiled_late = ", ".join(f"{d}: {late_graphs[d]}" for d in dtypes)
+        lines += ["", "Compiled, after an untimed pass over other images ('vs eager': compiled / eager im/s of the "
+                  f"same point and dtype; graphs compiled while timing, all points: {compiled_late}):", "", head,
+                  "|" + "---|" * (head.count("|") - 1)]
+        for label, name, _ in chosen:
+            cells = [f"{fps_compiled[d][label]:.2f} | {fps_compiled[d][label] / fps_compiled[d][base]:.3f} | "
+                     f"{fps_compiled[d][label] / fps[d][label]:.3f}" for d in dtypes]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {breaks[label]} |")
+    lines += ["", "Shares of one profiled eager forward (bookkeeping / upsampling / rest):", "",
               "| patch type | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
     for label, name, _ in chosen:
         cells = []
