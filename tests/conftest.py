@@ -15,13 +15,23 @@ import pytest
 import torch
 import yaml
 
-from segm.model.factory import create_segmenter, net_kwargs_for
+from segm.model.factory import MODEL_PARTS, create_segmenter, net_kwargs_for
 
 
 def tiny_net_kwargs(decoder: str = "mask_transformer", backbone: str = "vit_tiny_patch16_384",
                     n_cls: int = 5, crop: int = 64) -> dict:
     """``net_kwargs`` of a small real backbone at a small crop (fast on the CPU)."""
     return net_kwargs_for(backbone, decoder, n_cls=n_cls, crop_size=crop)
+
+
+def tiny_vit_with_parts(depth: int, n_cls: int = 5, crop: int = 64) -> torch.nn.Module:
+    """A tiny ViT Segmenter in eval mode with ``depth`` blocks and every optional model part (seed 0)."""
+    net = tiny_net_kwargs(n_cls=n_cls, crop=crop)
+    net["n_layers"] = depth
+    for extra in MODEL_PARTS.values():
+        net.update(extra)
+    torch.manual_seed(0)
+    return create_segmenter(net).eval()
 
 
 def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

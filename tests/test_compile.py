@@ -23,10 +23,10 @@ from torch._dynamo.testing import CompileCounter
 import segm.eval.miou as miou_cli
 import segm.inference as inference_cli
 import segm.speedtest as speedtest_cli
-from segm.model.factory import MODEL_PARTS, create_segmenter
+from segm.model.factory import create_segmenter
 from segm.model.token_reduction import apply_token_reduction
 from segm.runtime import compile_model
-from tests.conftest import perturb_, tiny_net_kwargs, write_checkpoint
+from tests.conftest import perturb_, tiny_net_kwargs, tiny_vit_with_parts, write_checkpoint
 
 # Settings whose token counts depend on the image where the method allows it.
 VARYING = {
@@ -52,12 +52,7 @@ def fresh_dynamo():
 
 
 def tiny(patch_type: str) -> torch.nn.Module:
-    net = tiny_net_kwargs(n_cls=16, crop=CROP)
-    net["n_layers"] = 4
-    for extra in MODEL_PARTS.values():
-        net.update(extra)
-    torch.manual_seed(0)
-    model = create_segmenter(net).eval()
+    model = tiny_vit_with_parts(4, n_cls=16, crop=CROP)
     apply_token_reduction(model, patch_type, **VARYING[patch_type])
     return model
 

@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from segm.model.factory import MODEL_PARTS, create_segmenter
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction
-from tests.conftest import tiny_net_kwargs
+from tests.conftest import tiny_vit_with_parts
 from tokred.bipartite import best_partners
 from tokred.precision import compute_dtype, fp32_island
 from tokred.state import MergeState
@@ -62,19 +61,9 @@ def in_island() -> bool:
     return False
 
 
-def tiny_vit(depth: int = 4) -> torch.nn.Module:
-    """A tiny ViT Segmenter with ``depth`` blocks and every optional model part."""
-    net = tiny_net_kwargs()
-    net["n_layers"] = depth
-    for extra in MODEL_PARTS.values():
-        net.update(extra)
-    torch.manual_seed(0)
-    return create_segmenter(net).eval()
-
-
 def conversions(patch_type: str, depth: int) -> int:
     """Conversions outside islands in one bf16-autocast forward of a tiny model with ``depth`` blocks."""
-    model = tiny_vit(depth)
+    model = tiny_vit_with_parts(depth)
     apply_token_reduction(model, patch_type, **SETTINGS[patch_type])
     counter = CastCounter({p.untyped_storage().data_ptr() for p in model.parameters()})
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -84,7 +73,7 @@ def conversions(patch_type: str, depth: int) -> int:
 
 
 def test_every_vit_patch_type_is_counted():
-    model = tiny_vit()
+    model = tiny_vit_with_parts(4)
     assert {name for name, reducer in PATCH_TYPES.items() if reducer.why_not(model) is None} == set(SETTINGS)
 
 
