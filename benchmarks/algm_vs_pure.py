@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 import torch
 
+from segm.cli import resolve_device
 from segm.measure import flop_analysis, measured_model, measurement_loader
 from segm.model.token_reduction import apply_token_reduction
 from segm.speedtest import batches, measure
@@ -64,7 +65,7 @@ def search_threshold(model, layers: list[int], images: list[torch.Tensor], pure:
 def main(device: str, large: bool, repeat: int | None, warmup: int | None, iters: int | None, search_images: int,
          out: Path | None) -> None:
     """Benchmark pure Segmenter against ALGM for ViT-Ti/S/B (and L) with random weights."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     gpu = dev.type == "cuda"
     repeat = repeat or (32 if gpu else 4)
     warmup = warmup if warmup is not None else (20 if gpu else 2)

@@ -20,7 +20,7 @@ import click
 import torch
 
 import algm.patch
-from segm.cli import Command
+from segm.cli import Command, resolve_device
 from segm.data import create_dataset
 from segm.measure import synchronize
 from segm.model.factory import create_segmenter, net_kwargs_for
@@ -77,7 +77,7 @@ def synthetic_batch(im_size: int, normalization: str, device: torch.device) -> t
 def main(device: str, iters: int, warmup: int, threshold: float, out: Path | None) -> None:
     """Time the stages of an ALGM forward (ViT-S/16, 512x512, batch 1)."""
     torch.manual_seed(0)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     model = create_segmenter(net_kwargs_for("vit_small_patch16_384", "mask_transformer", 150, 512)).eval().to(dev)
     x = synthetic_batch(512, "vit", dev)
     timer = StageTimer(dev)

@@ -27,6 +27,7 @@ import click
 import torch
 import yaml
 
+from segm.cli import resolve_device
 from segm.measure import flop_analysis, measured_model, measurement_loader
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options
 from segm.speedtest import batches, measure
@@ -54,7 +55,7 @@ def parse_point(text: str) -> tuple[str, str, dict]:
 def main(backbone: str, crop: int, points: tuple[str, ...], device: str, repeat: int | None, warmup: int | None,
          iters: int | None, out: Path | None) -> None:
     """Benchmark patch types against the pure model on one backbone with random weights."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     gpu = dev.type == "cuda"
     repeat = repeat or (32 if gpu else 2)
     warmup = warmup if warmup is not None else (20 if gpu else 2)

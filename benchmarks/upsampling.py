@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import segm.model.segmenter as segmenter
+from segm.cli import resolve_device
 from segm.measure import measurement_loader, timed_call
 from segm.model.factory import load_model, variant_crop_size, variant_normalization
 from segm.model.inference import upsample_logits
@@ -86,7 +87,7 @@ def agreement(captured: list[tuple[torch.Tensor, tuple[int, int]]], dtype: torch
 def main(device: str, batch: int, classes: int, grid: int, size: int, iters: int, checkpoint: Path | None,
          images: int, out: Path | None) -> None:
     """Time the class-mask upsampling variants and measure the argmax agreement of reduced precisions."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     torch.manual_seed(0)
     logits = torch.randn(batch, classes, grid, grid, device=dev)
     reduced = ("fp16", "bf16")

@@ -23,7 +23,7 @@ import click
 import torch
 
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction, measurement_options, variant_token_reduction
-from segm.runtime import DTYPES
+from segm.runtime import DTYPES, keep_freed_memory
 from tokred.errors import UsageError
 from tokred.options import Option
 
@@ -231,15 +231,22 @@ def refuse_overwriting(reads: Iterable[Path], writes: Iterable[Path], what: str)
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``cuda`` when available and nothing is asked, else the request; CUDA asked but absent is an error."""
+    """``cuda`` when available and nothing is asked, else the request; CUDA asked but absent is an error.
+
+    A CPU run keeps freed memory for reuse (``segm.runtime.keep_freed_memory``).
+    """
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name} was requested but CUDA is not available on this machine; "
+                             "use --device cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
     return device
 
 

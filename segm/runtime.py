@@ -1,4 +1,5 @@
-"""How a model runs: the autocast dtype by name (``--dtype``, ``--amp``) and the compiled path (``--compile``).
+"""How a model runs: the autocast dtype by name (``--dtype``, ``--amp``), the compiled path (``--compile``) and
+how freed CPU memory is kept for reuse.
 
 Autocast wraps the whole forward of every patch type; the merge decisions inside stay fp32
 (``tokred.precision``). ``compile_model`` wraps a model in ``torch.compile``: merge counts that depend
@@ -11,6 +12,9 @@ time it changes; after that no image triggers a compilation.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import platform
 from typing import Callable
 
 import torch
@@ -49,3 +53,24 @@ def compile_model(model: nn.Module, backend: str | Callable = "inductor") -> nn.
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model, backend=backend, dynamic=None)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+KEPT_TOP_BYTES = 2**31 - 1  # free memory at the top of the heap beyond this goes back to the OS
+USER_TUNABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed CPU memory for the next allocation; whether it was applied.
+
+    By default glibc unmaps every freed block above its mmap threshold (at most 32 MB), so each forward
+    page-faults its large tensors anew: the class masks upsampled for a 512 x 512 batch of 2 alone are
+    315 MB, about 80 000 faults per forward of ViT-S on CPU (``benchmarks/cpu_memory.py``). Serving all
+    blocks from the heap and not trimming it does for the CPU what CUDA's caching allocator does for the
+    GPU; the process keeps its peak memory instead. Nothing changes outside glibc, or when the environment
+    sets glibc's own tunables for this (any of ``USER_TUNABLES``: setting one opts out).
+    """
+    if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in USER_TUNABLES):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_TOP_BYTES))
