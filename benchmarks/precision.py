@@ -9,8 +9,10 @@ that precision). The shares of one profiled eager forward split its time into re
 
 With ``--compile`` every point also runs through ``segm.runtime.compile_model``: an untimed pass over
 ``--compile-warmup`` other images compiles every graph (merge counts vary between them), then the
-same timed forwards as eager; the table adds compiled im/s, the compiled speed-up over eager, the
-graphs compiled while timing (0: no image after the warm-up compiled anything) and the graph breaks.
+compiled forwards are timed interleaved with the eager ones; the table adds compiled im/s, the compiled
+speed-up over eager, the bound on it (1 / the eager share of library kernels, which compiling leaves as
+they are), the graphs compiled while timing (0: no image after the warm-up compiled anything) and the
+graph breaks.
 
     python benchmarks/precision.py [--point algm --point tome:r=8 ...] [--dtypes fp32,bf16] [--compile]
                                    [--out FILE.md]
@@ -29,6 +31,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from segm.cli import resolve_device
 from segm.measure import measurement_loader, time_shares
 from segm.model.token_reduction import apply_token_reduction
 from segm.runtime import DTYPES, compile_model, dtype_autocast
@@ -56,7 +59,7 @@ from report import emit
 def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes: str | None, batch: int | None,
          warmup: int | None, iters: int | None, compiled: bool, compile_warmup: int, out: Path | None) -> None:
     """Speed-up over pure of every patch type in fp32 and in lower-precision autocast, with time shares."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     gpu = dev.type == "cuda"
     names = [d.strip() for d in (dtypes or ("fp32,bf16,fp16" if gpu else "fp32,bf16")).split(",")]
     unknown = [d for d in names if d not in DTYPES]
@@ -82,17 +85,20 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes:
     late_graphs: dict[str, int] = {}
     shares: dict[str, dict[str, dict[str, float]]] = {}
     forward = compile_model(model) if compiled else None
+    compiled_setups = {f"{label} compiled": running(setup, forward) for label, setup in setups.items()} if compiled else {}
     for dtype in names:
         autocast = dtype_autocast(dev, dtype)
-        times = measure(model, timed, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
-        fps[dtype] = {label: batch / statistics.mean(t) for label, t in times.items()}
         if forward is not None:
-            measure(forward, compile_images, dev, batch, len(compile_images), 0, autocast, False, setups,
+            measure(model, compile_images, dev, batch, len(compile_images), 0, autocast, False, compiled_setups,
                     show_progress=False)
-            before = counters["stats"]["unique_graphs"]
-            times = measure(forward, timed, dev, batch, warmup, iters, autocast, False, setups, show_progress=False)
-            late_graphs[dtype] = counters["stats"]["unique_graphs"] - before
-            fps_compiled[dtype] = {label: batch / statistics.mean(t) for label, t in times.items()}
+        before = counters["stats"]["unique_graphs"]
+        times = measure(model, timed, dev, batch, warmup, iters, autocast, False, {**setups, **compiled_setups},
+                        show_progress=False)
+        late_graphs[dtype] = counters["stats"]["unique_graphs"] - before
+        rates = {label: batch / statistics.mean(t) for label, t in times.items()}
+        fps[dtype] = {label: rates[label] for label in setups}
+        if forward is not None:
+            fps_compiled[dtype] = {label: rates[f"{label} compiled"] for label in setups}
         shares[dtype] = {}
         for label, setup in setups.items():
             setup()
@@ -101,6 +107,14 @@ def main(backbone: str, crop: int, points: tuple[str, ...], device: str, dtypes:
     base = next(label for label, name, _ in chosen if name == "pure")
     emit("\n".join(report_lines(backbone, decoder_name(model), crop, dev, batch, warmup, iters, names, chosen,
                                 settings, fps, shares, base, fps_compiled, late_graphs, breaks)), out)
+
+
+def running(setup: Callable[[], object], forward: torch.nn.Module) -> Callable[[], torch.nn.Module]:
+    """A ``measure`` variant that applies ``setup`` to the model, then times ``forward`` (the compiled model)."""
+    def variant() -> torch.nn.Module:
+        setup()
+        return forward
+    return variant
 
 
 def graph_breaks(model: torch.nn.Module, setup: Callable[[], None], x: torch.Tensor) -> str:
@@ -127,7 +141,7 @@ def report_lines(backbone: str, decoder: str, crop: int, device: torch.device, b
     lines = [
         f"{backbone} + {decoder} at {crop}x{crop}, random weights, synthetic scenes squashed to the crop, 150 classes; "
         f"device {device.type} ({machine_card(device)}); batch = 1 image x {batch} copies, {warmup} warm-up and "
-        f"{iters} timed forwards per point and dtype, points interleaved within each dtype, eager.",
+        f"{iters} timed forwards per point and dtype, points interleaved within each dtype.",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
@@ -142,14 +156,19 @@ def report_lines(backbone: str, decoder: str, crop: int, device: torch.device, b
                 cells[-1] += f" | {speedup / (fps['fp32'][label] / fps['fp32'][base]):.3f}"
         lines.append(f"| {name} | {shown} | " + " | ".join(cells) + " |")
     if fps_compiled:
-        head = "| patch type | " + " | ".join(f"im/s {d} | speed-up {d} | vs eager {d}" for d in dtypes) + " | graph breaks |"
+        head = "| patch type | " + " | ".join(f"im/s {d} | speed-up {d} | vs eager {d} | bound {d}"
+                                               for d in dtypes) + " | graph breaks |"
         compiled_late = ", ".join(f"{d}: {late_graphs[d]}" for d in dtypes)
-        lines += ["", "Compiled, after an untimed pass over other images ('vs eager': compiled / eager im/s of the "
-                  f"same point and dtype; graphs compiled while timing, all points: {compiled_late}):", "", head,
+        lines += ["", "Compiled, after an untimed pass over other images, timed interleaved with eager ('vs eager': "
+                  "compiled / eager im/s of the same point and dtype; 'bound': 1 / the share of the eager forward "
+                  "spent in the library kernels a compiled forward calls as they are (matrix products, attention, "
+                  "convolution, upsampling), the most compiling can win if the kernels keep their speed; graphs "
+                  f"compiled while timing, all points: {compiled_late}):", "", head,
                   "|" + "---|" * (head.count("|") - 1)]
         for label, name, _ in chosen:
             cells = [f"{fps_compiled[d][label]:.2f} | {fps_compiled[d][label] / fps_compiled[d][base]:.3f} | "
-                     f"{fps_compiled[d][label] / fps[d][label]:.3f}" for d in dtypes]
+                     f"{fps_compiled[d][label] / fps[d][label]:.3f} | {1 / shares[d][label]['kernels']:.3f}"
+                     for d in dtypes]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {breaks[label]} |")
     lines += ["", "Shares of one profiled eager forward (bookkeeping / upsampling / rest):", "",
               "| patch type | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]

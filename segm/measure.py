@@ -186,10 +186,17 @@ def gflops_per_image(model: nn.Module, loader: DataLoader, device: torch.device,
     return counts
 
 
+# Library kernels a compiled forward calls as they are (matrix products, attention, convolution, upsampling).
+LIBRARY_KERNELS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
+                   "aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::upsample_bilinear2d")
+
+
 def time_shares(model: nn.Module, x: torch.Tensor, autocast: Callable = contextlib.nullcontext, runs: int = 2
                 ) -> dict[str, float]:
-    """Shares of a forward's time spent in token-reduction bookkeeping (``tokred::`` profiler ranges) and in
-    the final upsampling (``segm::upsample``), measured with the autograd profiler over ``runs`` forwards."""
+    """Shares of a forward's time spent in token-reduction bookkeeping (``tokred::`` profiler ranges), in the
+    final upsampling (``segm::upsample``) and in ``LIBRARY_KERNELS`` (their own time), measured with the
+    autograd profiler over ``runs`` forwards. A compiler that leaves those kernels as they are can at most
+    make the forward ``1 / kernels`` times faster."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # keep the profiler's start/stop lines off the terminal
     with torch.no_grad():
         with autocast():
@@ -203,5 +210,7 @@ def time_shares(model: nn.Module, x: torch.Tensor, autocast: Callable = contextl
         for label, prefix in (("forward", "segm::forward"), ("bookkeeping", PREFIX), ("upsampling", "segm::upsample")):
             if event.name.startswith(prefix):
                 totals[label] += event.cpu_time_total
+        if event.name.startswith(LIBRARY_KERNELS):
+            totals["kernels"] += event.self_cpu_time_total
     forward = totals["forward"] or 1.0
-    return {"bookkeeping": totals["bookkeeping"] / forward, "upsampling": totals["upsampling"] / forward}
+    return {label: totals[label] / forward for label in ("bookkeeping", "upsampling", "kernels")}

@@ -51,9 +51,11 @@ def batches(loader, n: int) -> Iterator[torch.Tensor]:
 
 def measure(
     model: nn.Module, loader, device: torch.device, repeat: int, warmup: int, iters: int | None,
-    autocast: Callable, channels_last: bool, variants: dict[str, Callable[[], None]], show_progress: bool = True,
+    autocast: Callable, channels_last: bool, variants: dict[str, Callable[[], Any]],
+    show_progress: bool = True,
 ) -> dict[str, list[float]]:
-    """Timings per variant (a setup function each: patch or unpatch the model), interleaved per batch."""
+    """Timings per variant, interleaved per batch. A variant is a setup function (patch or unpatch the model)
+    run before each of its forwards; one that returns a module (the compiled model) has that module timed."""
     timed = iters if iters is not None else max(len(loader) - warmup, 1)
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
@@ -65,12 +67,13 @@ def measure(
                 x = x.contiguous(memory_format=torch.channels_last)
             order = names if i % 2 == 0 else names[::-1]
             for name in order:
-                variants[name]()
+                forward = variants[name]()
+                forward = forward if isinstance(forward, nn.Module) else model
                 if i < warmup:
                     with autocast():
-                        model(x)
+                        forward(x)
                 else:
-                    times[name].append(timed_forward(model, x, device, autocast))
+                    times[name].append(timed_forward(forward, x, device, autocast))
     return times
 
 

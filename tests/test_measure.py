@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -12,10 +13,12 @@ from click.testing import CliRunner
 from algm.local_merge import window_similarity
 from segm.calibrate import main as calibrate
 from segm.flops import main as flops_cli
-from segm.measure import flop_analysis
+from segm.measure import flop_analysis, time_shares
 from segm.model.factory import create_segmenter, net_kwargs_for
-from segm.speedtest import main as speedtest_cli
+from segm.model.inference import upsample_logits
+from segm.speedtest import main as speedtest_cli, measure
 from tokred.bipartite import best_partners
+from tokred.profiling import section
 from tests.conftest import perturb_, tiny_net_kwargs, write_checkpoint
 
 
@@ -148,3 +151,53 @@ def test_calibrate_matches_bruteforce_mean_plus_std(model_dir, tmp_path):
             assert got["threshold"] == pytest.approx((v.mean() + v.std()).item(), abs=1e-9)
     assert stats["suggested"]["threshold"] == pytest.approx(stats["layers"][1]["clap"]["threshold"], abs=1e-4)
     assert "suggested: --selected-layers 1 5 --threshold" in result.stdout
+
+
+class Probe(torch.nn.Module):
+    """A forward of one kind of work: pointwise, a matrix product, bookkeeping, or the mask upsampling."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "pointwise":
+            return x.sin().cos().exp()
+        if self.kind == "matmul":
+            return x @ x
+        if self.kind == "bookkeeping":
+            with section("probe"):
+                return x.sin().cos().exp()
+        return upsample_logits(x[None, None], (1024, 1024))
+
+
+@pytest.mark.parametrize("kind, least", [("pointwise", {}), ("matmul", {"kernels": 0.6}),
+                                         ("bookkeeping", {"bookkeeping": 0.6}),
+                                         ("upsample", {"upsampling": 0.6, "kernels": 0.4})])
+def test_time_shares_attribute_each_kind_of_work(kind, least):
+    shares = time_shares(Probe(kind), torch.rand(512, 512), runs=2)
+    assert set(shares) == {"bookkeeping", "upsampling", "kernels"}
+    for label, value in shares.items():
+        assert (value > least[label]) if label in least else (value == 0.0), (label, shares)
+
+
+class Calls(torch.nn.Module):
+    """Records the batch size of every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.shape[0])
+        return x
+
+
+def test_measure_times_the_module_a_variant_returns():
+    model, other = Calls(), Calls()
+    loader = [torch.zeros(1, 3, 4, 4)] * 3
+    variants = {"eager": lambda: {"settings": "not a module"}, "other": lambda: other}
+    times = measure(model, loader, torch.device("cpu"), 2, 1, 2, contextlib.nullcontext, False, variants,
+                    show_progress=False)
+    assert {name: len(t) for name, t in times.items()} == {"eager": 2, "other": 2}
+    assert model.seen == [2, 2, 2] and other.seen == [2, 2, 2]
