@@ -113,11 +113,8 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("model"), perturb_(create_segmenter(net)), net)
 
 
-ALGM_FLAGS = ["--patch-type", "algm", "--selected-layers", "1", "5", "--threshold", "0.5", "--device", "cpu"]
-
-
 def test_eval_compiled_under_autocast_scores_as_eager(checkpoint, counted_compile):
-    args = [str(checkpoint), "synthetic", "--frac-dataset", "0.0625", "--num-workers", "0", "--dtype", "bf16", *ALGM_FLAGS]
+    args = [str(checkpoint), "synthetic", "--frac-dataset", "0.0625", "--num-workers", "0", "--dtype", "bf16", "--device", "cpu"]
     eager = CliRunner().invoke(miou_cli.main, args, catch_exceptions=False)
     eager_scores = yaml.safe_load((checkpoint.parent / "scores_ss.yml").read_text())
     compiled = CliRunner().invoke(miou_cli.main, [*args, "--compile"], catch_exceptions=False)
@@ -130,7 +127,7 @@ def test_eval_compiled_under_autocast_scores_as_eager(checkpoint, counted_compil
 
 def test_speedtest_and_inference_run_compiled(checkpoint, counted_compile, tmp_path):
     timed = CliRunner().invoke(speedtest_cli.main, ["--model-dir", str(checkpoint.parent), "--iters", "2", "--warmup", "2",
-                                                    "--repeat", "1", "--compile", "--dtype", "bf16", *ALGM_FLAGS])
+                                                    "--repeat", "1", "--compile", "--dtype", "bf16", "--device", "cpu"])
     assert timed.exit_code == 0, timed.output
     summary = json.loads(timed.stdout.strip().splitlines()[-1])
     assert summary["compiled"] is True and summary["dtype"] == "bf16"
@@ -141,6 +138,6 @@ def test_speedtest_and_inference_run_compiled(checkpoint, counted_compile, tmp_p
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(images / "a.png")
     out = tmp_path / "out"
     predicted = CliRunner().invoke(inference_cli.main, ["--model-path", str(checkpoint), "-i", str(images), "-o", str(out),
-                                                        "--dataset", "synthetic", "--compile", *ALGM_FLAGS])
+                                                        "--dataset", "synthetic", "--compile", "--device", "cpu"])
     assert predicted.exit_code == 0, predicted.output
     assert Image.open(out / "a.png").size == (90, 70) and counted_compile.frame_count > after_speedtest
