@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from segm.model.token_reduction import PATCH_TYPES, apply_token_reduction
 from tests.conftest import tiny_vit_with_parts
 from tokred.bipartite import best_partners
+from tokred.cts import policy_logits
 from tokred.precision import compute_dtype, fp32_island
 from tokred.state import MergeState
 
@@ -93,6 +94,19 @@ def test_island_keeps_matmuls_in_fp32_under_autocast():
     exact_max, exact_idx = best_partners(metric, 1)
     assert node_max.dtype == torch.float32
     assert torch.equal(node_max, exact_max) and torch.equal(node_idx, exact_idx)
+
+
+def test_cts_policy_decides_in_fp32_under_autocast():
+    model = tiny_vit_with_parts(4)
+    apply_token_reduction(model, "cts", **SETTINGS["cts"])
+    im = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = policy_logits(model.policy_net, im)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = policy_logits(model.policy_net, im)
+            narrowed = model.policy_net(im)["logits"]
+    assert logits.dtype == torch.float32 and torch.equal(logits, exact)
+    assert narrowed.dtype == torch.bfloat16
 
 
 def test_compute_dtype_follows_autocast():

@@ -41,6 +41,13 @@ def share_ranking(logits: torch.Tensor) -> torch.Tensor:
     return scores.argsort(dim=1, descending=True, stable=True)
 
 
+@fp32_island
+def policy_logits(policy: nn.Module, im: torch.Tensor) -> torch.Tensor:
+    """The policy network's shareability logits, in fp32 under autocast: they rank the superpatches, a
+    decision like every other method's (and a depthwise-convolution network in emulated bf16 is slow)."""
+    return policy(im)["logits"]
+
+
 def to_patches(im: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, gh * gw, C, patch, patch) in raster order."""
     B, C, H, W = im.shape
@@ -137,7 +144,7 @@ class TokenSharing(TokenReducer):
         if shared_count > (grid[0] // 2) * (grid[1] // 2):
             raise UsageError(f"num_shared {shared_count} is more than the superpatches of a {H}x{W} input")
         with torch.no_grad():
-            logits = self.policy(im)["logits"]
+            logits = policy_logits(self.policy, im)
             with section("share"):
                 kept, shared, rows = sharing_layout(share_ranking(logits), grid, shared_count)
         C = im.shape[1]

@@ -1,7 +1,7 @@
 """Where token reduction computes in fp32 under autocast, stated once.
 
-The published methods take their decisions (similarities, thresholds, top-k, hashes, distances) and
-ACT its centroid sums in fp32. Functions that compute such a quantity are wrapped in ``fp32_island``:
+The published methods take their decisions (similarities, thresholds, top-k, hashes, distances, CTS's
+policy network) and ACT its centroid sums in fp32. Functions that compute such a quantity are wrapped in ``fp32_island``:
 inside, autocast is off, so a matmul on fp32 inputs stays fp32 instead of being narrowed to the autocast
 dtype and widened back. Everything else (tokens, sizes, index maps) keeps the dtype it flows in, so a
 forward converts tensors a fixed number of times whatever the depth (``tests/test_precision.py`` counts).
